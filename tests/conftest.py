@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny DINOv2 config that trains a few steps in seconds on CPU."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import DictConfig
+
+from rsdino.config.loader import load_config
+
+TINY_OVERRIDES = [
+    "train.device=cpu",
+    "train.num_workers=0",
+    "train.batch_size_per_gpu=4",
+    "train.OFFICIAL_EPOCH_LENGTH=3",
+    "train.log_every_steps=1",
+    "train.synthetic.num_samples=64",
+    "train.synthetic.tile_size=32",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep=3",
+    "student.embed_dim=32",
+    "student.depth=2",
+    "student.num_heads=2",
+    "crops.global_crops_size=32",
+    "crops.local_crops_size=16",
+    "crops.local_crops_number=2",
+    "dino.head_n_prototypes=64",
+    "dino.head_hidden_dim=32",
+    "dino.head_bottleneck_dim=16",
+]
+
+
+def tiny_config(*extra: str) -> DictConfig:
+    return load_config("quickstart", [*TINY_OVERRIDES, *extra])
+
+
+@pytest.fixture
+def tiny_cfg() -> DictConfig:
+    return tiny_config()

@@ -1,0 +1,89 @@
+"""Config layering and validation: bad configs fail before training, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from rsdino.config.loader import ConfigError, available_presets, load_config
+
+
+def test_default_config_is_complete_and_valid() -> None:
+    cfg = load_config()
+    assert cfg.student.arch == "vit_large"
+    assert cfg.dino.head_n_prototypes == 65536
+    assert OmegaConf.is_readonly(cfg)
+
+
+def test_presets_ship_and_load() -> None:
+    assert {"quickstart", "vitl16_short_s2"} <= set(available_presets())
+    for preset in available_presets():
+        load_config(preset)
+
+
+def test_satlas_preset_uses_nine_bands() -> None:
+    cfg = load_config("vitl16_short_s2")
+    assert cfg.student.in_chans == 9
+    assert cfg.train.dataset.s2_layout == "satlas"
+    assert cfg.student.block_chunks == 4
+
+
+def test_override_layers_apply_in_order(tmp_path: Path) -> None:
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("optim:\n  base_lr: 0.01\n  epochs: 17\n")
+    cfg = load_config(str(preset), ["optim.base_lr=0.002", "crops.global_crops_scale=[0.4,1.0]"])
+    assert cfg.optim.base_lr == 0.002
+    assert cfg.optim.epochs == 17
+    assert list(cfg.crops.global_crops_scale) == [0.4, 1.0]
+
+
+def test_unknown_key_names_its_path() -> None:
+    with pytest.raises(ConfigError, match=r"optim\.bogus_key"):
+        load_config("quickstart", ["optim.bogus_key=1"])
+
+
+def test_unknown_key_in_preset_file_names_file_and_path(tmp_path: Path) -> None:
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("student:\n  archh: vit_small\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*student\.archh"):
+        load_config(str(preset))
+
+
+def test_wrong_type_names_its_path() -> None:
+    with pytest.raises(ConfigError, match=r"train\.batch_size_per_gpu"):
+        load_config(None, ["train.batch_size_per_gpu=many"])
+
+
+def test_missing_preset_lists_available() -> None:
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'.*quickstart"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/none.yaml")
+
+
+def test_malformed_override() -> None:
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
+        load_config("quickstart", ["optim.base_lr"])
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("crops.global_crops_size=50", r"crops\.global_crops_size=50 must be a positive multiple"),
+        ("crops.local_crops_size=20", r"crops\.local_crops_size=20"),
+        ("ibot.mask_ratio_min_max=[0.5,0.1]", r"ibot\.mask_ratio_min_max"),
+        ("train.centering=median", r"train\.centering='median'"),
+        ("student.arch=vit_huge", r"student\.arch='vit_huge'"),
+        ("student.in_chans=4", r"student\.in_chans=4 but .* has 13 bands"),
+        ("train.dataset.source=sen12ms", r"not supported yet"),
+        ("optim.scaling_rule=cubic", r"optim\.scaling_rule"),
+        ("student.embed_dim=100", r"multiple of num_heads"),
+        ("student.block_chunks=3", r"student\.block_chunks=3 must divide"),
+        ("teacher.momentum_teacher=1.5", r"teacher\.momentum_teacher"),
+    ],
+)
+def test_impossible_values_fail_with_key(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("quickstart", [override])

@@ -1,0 +1,141 @@
+"""End-to-end training on CPU: outputs, exact resume, and failures that keep what was written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from rsdino.cli import main
+from rsdino.train.checkpoint import checkpoint_name
+from rsdino.train.loop import TrainingDivergedError, train
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_states_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 6-step run shared by the tests that compare against it."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    result = train(tiny_config(), out)
+    assert result.final_step == 6
+    return out
+
+
+def test_run_writes_config_log_and_checkpoints(finished_run: Path) -> None:
+    assert (finished_run / "config.yaml").read_text().startswith("dino:")
+    names = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+    assert names == [checkpoint_name(2), checkpoint_name(4), checkpoint_name(6)]
+    records = [
+        json.loads(line) for line in (finished_run / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for record in records:
+        for name in ("total", "dino_global", "dino_local", "koleo", "lr", "teacher_temp"):
+            assert torch.isfinite(torch.tensor(record[name])), name
+    state = _load(finished_run / "checkpoints" / checkpoint_name(6))
+    assert state["step"] == 6
+    assert "dino_loss.center" in state["model"]
+    assert any(k.startswith("teacher.backbone.blocks.") for k in state["model"])
+
+
+def test_resume_reaches_bitwise_identical_weights(finished_run: Path, tmp_path: Path) -> None:
+    """Stopped after the step-2 checkpoint and resumed == never stopped (bitwise on CPU)."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(finished_run, resumed)
+    for step in (4, 6):
+        (resumed / "checkpoints" / checkpoint_name(step)).unlink()
+    result = train(tiny_config(), resumed)
+    assert result.resumed_from == 2
+    assert result.final_step == 6
+    expected = _load(finished_run / "checkpoints" / checkpoint_name(6))
+    got = _load(resumed / "checkpoints" / checkpoint_name(6))
+    _assert_states_equal(expected["model"], got["model"])
+    for group_a, group_b in zip(
+        expected["optimizer"]["state"].values(), got["optimizer"]["state"].values(), strict=True
+    ):
+        _assert_states_equal(group_a, group_b)
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_warning(
+    finished_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    latest = run / "checkpoints" / checkpoint_name(6)
+    latest.write_bytes(latest.read_bytes()[:1000])  # a save cut short by a full disk
+    with caplog.at_level(logging.WARNING):
+        result = train(tiny_config(), run)
+    assert result.resumed_from == 4
+    assert "unreadable" in caplog.text and checkpoint_name(6) in caplog.text
+    expected = _load(finished_run / "checkpoints" / checkpoint_name(6))
+    _assert_states_equal(expected["model"], _load(latest)["model"])
+
+
+def test_no_resume_starts_fresh_and_keeps_old_checkpoints(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    result = train(tiny_config("optim.epochs=1"), run, resume=False)
+    assert result.resumed_from is None
+    assert result.final_step == 3
+    archived = list(run.glob("checkpoints.old-*"))
+    assert len(archived) == 1
+    assert (archived[0] / checkpoint_name(6)).is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    cfg = tiny_config("optim.base_lr=1e30", "optim.clip_grad=0", "checkpoint.every_steps=1")
+    with pytest.raises(TrainingDivergedError, match=r"non-finite .*last good checkpoint"):
+        train(cfg, tmp_path / "run")
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert saved, "the finite steps before the divergence were checkpointed"
+    for path in saved:
+        state = _load(path)
+        assert all(
+            torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()
+        )
+
+
+def test_cli_rejects_output_dir_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "a_file"
+    target.write_text("not a directory")
+    code = main(["train", "--config", "quickstart", "--output-dir", str(target)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1
+    assert "is a file" in err and "--output-dir" in err
+    assert target.read_text() == "not a directory"
+
+
+def test_cli_rejects_unreadable_only_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / checkpoint_name(2)).write_bytes(b"garbage")
+    from conftest import TINY_OVERRIDES
+
+    code = main(
+        ["train", "--config", "quickstart", "--output-dir", str(tmp_path / "run"), *TINY_OVERRIDES]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert "none of the 1 checkpoints" in err and "--no-resume" in err
+    assert (ckpts / checkpoint_name(2)).read_bytes() == b"garbage"

@@ -1,0 +1,3 @@
+"""DINOv2 self-supervised pretraining for multimodal remote sensing."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""The ``rsdino`` command. Each subcommand is a thin shell over a function tests call directly."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rsdino import __version__
+from rsdino.config.loader import ConfigError, available_presets, config_to_yaml, load_config
+from rsdino.errors import RsdinoError
+
+log = logging.getLogger("rsdino")
+
+TRAIN_EPILOG = """\
+configuration:
+  The run config is default.yaml, then the preset or file given by --config, then the
+  key=value overrides, each layer replacing keys of the one before. Unknown keys, wrong
+  types and impossible values are errors that name the key.
+  Presets: {presets}
+
+examples:
+  rsdino train --config quickstart --output-dir runs/quickstart
+  rsdino train --config vitl16_short_s2 --output-dir runs/s2 optim.epochs=50
+  rsdino train --config my_run.yaml --no-resume student.drop_path_rate=0.2
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rsdino",
+        description="DINOv2 self-supervised pretraining for multimodal remote sensing.",
+    )
+    parser.add_argument("--version", action="version", version=f"rsdino {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="pretrain a ViT with DINOv2 (resumes from the newest checkpoint by default)",
+        description="Pretrain a ViT with DINOv2 on the configured dataset.",
+        epilog=TRAIN_EPILOG.format(presets=", ".join(available_presets())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument(
+        "--config",
+        metavar="PRESET_OR_FILE",
+        default=None,
+        help="a preset name (see below) or a path to a YAML file merged over default.yaml",
+    )
+    train.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        type=Path,
+        default=Path("runs/default"),
+        help="run directory for config.yaml, checkpoints/ and train_log.jsonl "
+        "(default: %(default)s)",
+    )
+    train.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start from step 0 even if DIR holds checkpoints (they are kept aside, not deleted)",
+    )
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and exit without training",
+    )
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides by dotted path, e.g. optim.base_lr=0.001 crops.local_crops_number=4",
+    )
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")
+        return 0
+    from rsdino.train.loop import train  # imported late: torch start-up is slow for --help
+
+    result = train(cfg, args.output_dir, resume=not args.no_resume)
+    log.info("finished at step %d; last checkpoint: %s", result.final_step, result.last_checkpoint)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    try:
+        return _run_train(args)
+    except ConfigError as exc:
+        print(f"rsdino: config error: {exc}", file=sys.stderr)
+        return 2
+    except RsdinoError as exc:
+        print(f"rsdino: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Build the run config: ``default.yaml`` + a preset (or YAML file) + ``key=value`` overrides.
+
+Every layer is merged into the typed schema, so an unknown key, a wrong type or a missing value
+fails here, before any model is built, with the key's path and the layer it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rsdino.config.schema import RootConfig
+from rsdino.config.validate import validate_config
+from rsdino.errors import RsdinoError
+
+
+class ConfigError(RsdinoError, ValueError):
+    """A config problem the user has to fix; the message names the key and the source."""
+
+
+def _config_dir() -> Path:
+    return Path(str(resources.files("rsdino.config")))
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in (_config_dir() / "presets").glob("*.yaml"))
+
+
+def resolve_preset_path(preset: str) -> Path:
+    """A preset name (``quickstart``) or a path to a YAML file."""
+    path = Path(preset)
+    if path.suffix in {".yaml", ".yml"} or path.parent != Path("."):
+        if not path.is_file():
+            raise ConfigError(f"config file '{preset}' does not exist")
+        return path
+    candidate = _config_dir() / "presets" / f"{preset}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(
+            f"unknown preset '{preset}'; available presets: {', '.join(available_presets())} "
+            "(or pass a path to a .yaml file)"
+        )
+    return candidate
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not a list")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from exc
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        detail = str(exc.msg).splitlines()[0] if exc.msg else str(exc)
+        raise ConfigError(f"{source}: {detail} (key: {exc.full_key})") from exc
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Return the validated, read-only config for a run."""
+    cfg = OmegaConf.structured(RootConfig)
+    default_path = _config_dir() / "default.yaml"
+    cfg = _merge(cfg, _load_yaml(default_path), "default.yaml")
+    if preset:
+        path = resolve_preset_path(preset)
+        cfg = _merge(cfg, _load_yaml(path), f"preset '{preset}' ({path})")
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "command-line override")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config keys without a value: {', '.join(missing)}")
+    problems = validate_config(cfg)
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

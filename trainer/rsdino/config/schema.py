@@ -1,0 +1,153 @@
+"""Typed schema of the training config.
+
+The dataclasses give every key a type so OmegaConf rejects unknown keys and wrong types with the
+key's full path. Values live in ``default.yaml`` (single source of truth); the schema only says
+what may exist, which is why every field is ``MISSING`` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = MISSING
+    head_n_prototypes: int = MISSING
+    head_bottleneck_dim: int = MISSING
+    head_nlayers: int = MISSING
+    head_hidden_dim: int = MISSING
+    koleo_loss_weight: float = MISSING
+
+
+@dataclass
+class IBotConfig:
+    loss_weight: float = MISSING
+    mask_sample_probability: float = MISSING
+    mask_ratio_min_max: list[float] = MISSING
+    separate_head: bool = MISSING
+    head_n_prototypes: int = MISSING
+    head_bottleneck_dim: int = MISSING
+    head_nlayers: int = MISSING
+    head_hidden_dim: int = MISSING
+
+
+@dataclass
+class DatasetConfig:
+    source: str = MISSING
+    uri: str = MISSING
+    split: str = MISSING
+    s2_layout: str = MISSING
+
+
+@dataclass
+class SyntheticConfig:
+    num_samples: int = MISSING
+    tile_size: int = MISSING
+    num_classes: int = MISSING
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    batch_size_per_gpu: int = MISSING
+    num_workers: int = MISSING
+    OFFICIAL_EPOCH_LENGTH: int = MISSING
+    seed: int = MISSING
+    centering: str = MISSING
+    device: str = MISSING
+    precision: str = MISSING
+    log_every_steps: int = MISSING
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = MISSING
+    keep: int = MISSING
+
+
+@dataclass
+class StudentConfig:
+    arch: str = MISSING
+    patch_size: int = MISSING
+    embed_dim: int | None = MISSING
+    depth: int | None = MISSING
+    num_heads: int | None = MISSING
+    in_chans: int = MISSING
+    drop_path_rate: float = MISSING
+    layerscale: float | None = MISSING
+    drop_path_uniform: bool = MISSING
+    pretrained_weights: str = MISSING
+    pretrained_patch_embed_adapt: str = MISSING
+    pretrained_rgb_band_indices: list[int] = MISSING
+    ffn_layer: str = MISSING
+    block_chunks: int = MISSING
+    qkv_bias: bool = MISSING
+    proj_bias: bool = MISSING
+    ffn_bias: bool = MISSING
+    num_register_tokens: int = MISSING
+    interpolate_antialias: bool = MISSING
+    interpolate_offset: float = MISSING
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = MISSING
+    final_momentum_teacher: float = MISSING
+    warmup_teacher_temp: float = MISSING
+    teacher_temp: float = MISSING
+    warmup_teacher_temp_epochs: float = MISSING
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = MISSING
+    weight_decay: float = MISSING
+    weight_decay_end: float = MISSING
+    base_lr: float = MISSING
+    warmup_epochs: float = MISSING
+    min_lr: float = MISSING
+    clip_grad: float = MISSING
+    freeze_last_layer_epochs: float = MISSING
+    scaling_rule: str = MISSING
+    patch_embed_lr_mult: float = MISSING
+    layerwise_decay: float = MISSING
+    adamw_beta1: float = MISSING
+    adamw_beta2: float = MISSING
+
+
+@dataclass
+class CropsConfig:
+    global_crops_scale: list[float] = MISSING
+    local_crops_number: int = MISSING
+    local_crops_scale: list[float] = MISSING
+    global_crops_size: int = MISSING
+    local_crops_size: int = MISSING
+
+
+@dataclass
+class AugmentConfig:
+    flip_prob: float = MISSING
+    rotate90: bool = MISSING
+    brightness: float = MISSING
+    contrast: float = MISSING
+    band_jitter: float = MISSING
+    blur_prob_global: list[float] = MISSING
+    blur_prob_local: float = MISSING
+    blur_sigma: list[float] = MISSING
+
+
+@dataclass
+class RootConfig:
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IBotConfig = field(default_factory=IBotConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)

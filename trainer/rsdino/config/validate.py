@@ -1,0 +1,172 @@
+"""Semantic checks the type system cannot express (ranges, divisibility, choices).
+
+Each problem names the key path and what to change, so a bad config fails in a second instead
+of after the model is built or, worse, hours into a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from rsdino.data.bands import S2_LAYOUTS
+from rsdino.models.vit import ARCH_SPECS
+
+SUPPORTED_SOURCES = ("synthetic",)
+CENTERING_MODES = ("centering", "sinkhorn_knopp")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
+FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+PATCH_EMBED_ADAPT = ("mean", "rgb")
+
+
+def _choice(problems: list[str], key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        problems.append(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _pair(problems: list[str], key: str, values: list[float], valid: Callable[..., bool]) -> None:
+    if len(values) != 2 or not valid(*values):
+        problems.append(f"{key}={list(values)} must be [low, high] with {valid.__doc__}")
+
+
+def _unit_range(low: float, high: float) -> bool:
+    """0 <= low <= high <= 1"""
+    return 0.0 <= low <= high <= 1.0
+
+
+def _scale_range(low: float, high: float) -> bool:
+    """0 < low <= high <= 1"""
+    return 0.0 < low <= high <= 1.0
+
+
+def _positive_range(low: float, high: float) -> bool:
+    """0 < low <= high"""
+    return 0.0 < low <= high
+
+
+def validate_config(cfg: DictConfig) -> list[str]:
+    """Return human-readable problems; an empty list means the config is usable."""
+    problems: list[str] = []
+    train, student, crops, optim = cfg.train, cfg.student, cfg.crops, cfg.optim
+
+    if train.dataset.source not in SUPPORTED_SOURCES:
+        problems.append(
+            f"train.dataset.source={train.dataset.source!r} is not supported yet; "
+            f"supported sources: {', '.join(SUPPORTED_SOURCES)}"
+        )
+    _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
+    if train.dataset.s2_layout in S2_LAYOUTS:
+        bands = len(S2_LAYOUTS[train.dataset.s2_layout])
+        _check(
+            problems,
+            student.in_chans == bands,
+            f"student.in_chans={student.in_chans} but train.dataset.s2_layout="
+            f"{train.dataset.s2_layout!r} has {bands} bands; set student.in_chans={bands}",
+        )
+    _check(problems, train.synthetic.num_samples > 0, "train.synthetic.num_samples must be > 0")
+    _check(problems, train.synthetic.tile_size >= 8, "train.synthetic.tile_size must be >= 8")
+    _check(problems, train.synthetic.num_classes >= 2, "train.synthetic.num_classes must be >= 2")
+    _check(problems, train.batch_size_per_gpu >= 1, "train.batch_size_per_gpu must be >= 1")
+    _check(problems, train.num_workers >= 0, "train.num_workers must be >= 0")
+    _check(problems, train.OFFICIAL_EPOCH_LENGTH >= 1, "train.OFFICIAL_EPOCH_LENGTH must be >= 1")
+    _check(problems, train.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+    _choice(problems, "train.centering", train.centering, CENTERING_MODES)
+    _choice(problems, "train.device", train.device, DEVICES)
+    _choice(problems, "train.precision", train.precision, PRECISIONS)
+    _check(problems, cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
+    _check(problems, cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+
+    _choice(problems, "student.arch", student.arch, tuple(ARCH_SPECS))
+    _choice(problems, "student.ffn_layer", student.ffn_layer, FFN_LAYERS)
+    _choice(
+        problems,
+        "student.pretrained_patch_embed_adapt",
+        student.pretrained_patch_embed_adapt,
+        PATCH_EMBED_ADAPT,
+    )
+    _check(problems, student.patch_size >= 1, "student.patch_size must be >= 1")
+    _check(problems, student.in_chans >= 1, "student.in_chans must be >= 1")
+    _check(problems, student.num_register_tokens >= 0, "student.num_register_tokens must be >= 0")
+    _check(
+        problems, 0.0 <= student.drop_path_rate < 1.0, "student.drop_path_rate must be in [0, 1)"
+    )
+    embed_dim = student.embed_dim or ARCH_SPECS.get(student.arch, (0, 0, 0))[0]
+    num_heads = student.num_heads or ARCH_SPECS.get(student.arch, (0, 0, 1))[2]
+    _check(
+        problems,
+        embed_dim > 0 and num_heads > 0 and embed_dim % num_heads == 0,
+        f"student embed_dim={embed_dim} must be a positive multiple of num_heads={num_heads}",
+    )
+    if student.depth is not None:
+        _check(problems, student.depth >= 1, "student.depth must be >= 1")
+        depth = student.depth
+    else:
+        depth = ARCH_SPECS.get(student.arch, (0, 1, 0))[1]
+    if student.block_chunks > 1:
+        _check(
+            problems,
+            depth % student.block_chunks == 0,
+            f"student.block_chunks={student.block_chunks} must divide the depth ({depth})",
+        )
+
+    for key in ("global_crops_size", "local_crops_size"):
+        size = crops[key]
+        _check(
+            problems,
+            size >= student.patch_size and size % student.patch_size == 0,
+            f"crops.{key}={size} must be a positive multiple of student.patch_size="
+            f"{student.patch_size}",
+        )
+    _check(problems, crops.local_crops_number >= 0, "crops.local_crops_number must be >= 0")
+    _pair(problems, "crops.global_crops_scale", crops.global_crops_scale, _scale_range)
+    _pair(problems, "crops.local_crops_scale", crops.local_crops_scale, _scale_range)
+
+    ibot = cfg.ibot
+    _pair(problems, "ibot.mask_ratio_min_max", ibot.mask_ratio_min_max, _unit_range)
+    _check(
+        problems,
+        0.0 <= ibot.mask_sample_probability <= 1.0,
+        "ibot.mask_sample_probability must be in [0, 1]",
+    )
+    for head in ("dino", "ibot"):
+        _check(problems, cfg[head].head_n_prototypes >= 1, f"{head}.head_n_prototypes must be >= 1")
+        _check(problems, cfg[head].head_nlayers >= 1, f"{head}.head_nlayers must be >= 1")
+        _check(problems, cfg[head].loss_weight >= 0, f"{head}.loss_weight must be >= 0")
+    _check(problems, cfg.dino.koleo_loss_weight >= 0, "dino.koleo_loss_weight must be >= 0")
+
+    teacher = cfg.teacher
+    for key in ("momentum_teacher", "final_momentum_teacher"):
+        _check(problems, 0.0 <= teacher[key] <= 1.0, f"teacher.{key} must be in [0, 1]")
+    for key in ("teacher_temp", "warmup_teacher_temp"):
+        _check(problems, teacher[key] > 0, f"teacher.{key} must be > 0")
+
+    _choice(problems, "optim.scaling_rule", optim.scaling_rule, SCALING_RULES)
+    _check(problems, optim.epochs >= 1, "optim.epochs must be >= 1")
+    _check(problems, optim.base_lr > 0, "optim.base_lr must be > 0")
+    _check(
+        problems,
+        0 <= optim.warmup_epochs <= optim.epochs,
+        f"optim.warmup_epochs={optim.warmup_epochs} must be in [0, optim.epochs={optim.epochs}]",
+    )
+    _check(problems, optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables)")
+    _check(problems, 0 < optim.layerwise_decay <= 1, "optim.layerwise_decay must be in (0, 1]")
+    _check(problems, optim.patch_embed_lr_mult >= 0, "optim.patch_embed_lr_mult must be >= 0")
+
+    aug = cfg.augment
+    _check(problems, 0.0 <= aug.flip_prob <= 1.0, "augment.flip_prob must be in [0, 1]")
+    _check(
+        problems,
+        len(aug.blur_prob_global) == 2 and all(0 <= p <= 1 for p in aug.blur_prob_global),
+        "augment.blur_prob_global must be two probabilities (view 0, view 1)",
+    )
+    _check(problems, 0.0 <= aug.blur_prob_local <= 1.0, "augment.blur_prob_local must be in [0, 1]")
+    _pair(problems, "augment.blur_sigma", aug.blur_sigma, _positive_range)
+    return problems

@@ -1,0 +1,298 @@
+"""Batched DINO multi-crop for co-registered multispectral / SAR images, on any device.
+
+Each view of a sample is one affine map (crop box, flips, quarter turns) applied by a single
+`grid_sample`, shared by all modalities so that optical and radar crops stay aligned. Photometric
+changes work in normalised space and are drawn per modality, because the sensors are independent.
+Randomness comes from one CPU generator: the same generator state gives the same crops anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_CROP_ATTEMPTS = 10  # as RandomResizedCrop: tries before falling back to a whole-image crop
+
+# Quarter turn k (counter-clockwise, as torch.rot90 over the last two dims) as a 2x2 matrix acting
+# on output coordinates (x, y): k = 1 maps (x, y) -> (-y, x).
+_QUARTER_TURNS = torch.tensor(
+    [
+        [[1.0, 0.0], [0.0, 1.0]],
+        [[0.0, -1.0], [1.0, 0.0]],
+        [[-1.0, 0.0], [0.0, -1.0]],
+        [[0.0, 1.0], [-1.0, 0.0]],
+    ]
+)
+
+
+def _uniform(
+    shape: tuple[int, ...], low: float, high: float, generator: torch.Generator
+) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator)
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop boxes in normalised coordinates, vectorised over `n` crops.
+
+    Returns (center [n, 2], half_size [n, 2]) as (x, y) in grid_sample's [-1, 1] frame, where the
+    whole image is center 0 and half-size 1. Area fraction is uniform in `scale`, width/height
+    ratio log-uniform in `ratio`; the first of several draws that fits the image is kept, and a
+    crop with no fitting draw takes the largest box of admissible ratio, centred.
+    """
+    area = _uniform((n, _CROP_ATTEMPTS), scale[0], scale[1], generator)
+    log_ratio = _uniform((n, _CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1]), generator)
+    aspect_ratio = torch.exp(log_ratio)
+    width_fraction = torch.sqrt(area * aspect_ratio * height / width)
+    height_fraction = torch.sqrt(area / aspect_ratio * width / height)
+    fits = (width_fraction <= 1.0) & (height_fraction <= 1.0)
+    first_fit = fits.int().argmax(dim=1, keepdim=True)
+    half_size = torch.stack(
+        [width_fraction.gather(1, first_fit)[:, 0], height_fraction.gather(1, first_fit)[:, 0]],
+        dim=1,
+    )
+    image_ratio = width / height
+    clamped_ratio = min(max(image_ratio, ratio[0]), ratio[1])
+    fallback = torch.tensor(
+        [min(1.0, clamped_ratio / image_ratio), min(1.0, image_ratio / clamped_ratio)]
+    )
+    half_size = torch.where(fits.any(dim=1, keepdim=True), half_size, fallback)
+    center = (2.0 * torch.rand((n, 2), generator=generator) - 1.0) * (1.0 - half_size)
+    return center, half_size
+
+
+def crop_affine(
+    center: torch.Tensor,
+    half_size: torch.Tensor,
+    hflip: torch.Tensor,
+    vflip: torch.Tensor,
+    quarter_turns: torch.Tensor,
+) -> torch.Tensor:
+    """[n, 2, 3] affine_grid matrices combining the crop box, quarter turns and flips.
+
+    An output coordinate o in [-1, 1]^2 samples the input at center + half_size * (R F o), so the
+    view equals crop -> resize -> rotate (R) -> flip (F) done in one resampling.
+    """
+    flip_signs = torch.stack([1.0 - 2.0 * hflip.float(), 1.0 - 2.0 * vflip.float()], dim=1)
+    orientation = _QUARTER_TURNS[quarter_turns % 4] * flip_signs[:, None, :]
+    linear = half_size[:, :, None] * orientation
+    return torch.cat([linear, center[:, :, None]], dim=2)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Blur each image [B, C, H, W] with its own sigma [B], as one separable grouped convolution.
+
+    Borders are replicated (reflection would need images larger than the kernel).
+    """
+    batch, channels, height, width = images.shape
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernels = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    size = 2 * radius + 1
+    planes = images.reshape(1, batch * channels, height, width)
+    planes = F.pad(planes, (radius, radius, 0, 0), mode="replicate")
+    planes = F.conv2d(planes, kernels.view(-1, 1, 1, size), groups=batch * channels)
+    planes = F.pad(planes, (0, 0, radius, radius), mode="replicate")
+    planes = F.conv2d(planes, kernels.view(-1, 1, size, 1), groups=batch * channels)
+    return planes.view(batch, channels, height, width)
+
+
+def _check_range(name: str, bounds: tuple[float, float], low: float, high: float) -> None:
+    if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] <= high:
+        raise ValueError(
+            f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {bounds}"
+        )
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+def _check_images(images: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """Return (B, H, W) shared by all modalities, or say which modality disagrees."""
+    if not images:
+        raise ValueError("images is empty: expected at least one modality")
+    shapes = {}
+    for name, tensor in images.items():
+        if tensor.ndim != 4 or not tensor.is_floating_point():
+            raise ValueError(
+                f"modality {name!r} must be a normalised float [B, C, H, W] tensor, "
+                f"got {tensor.dtype} of shape {tuple(tensor.shape)}"
+            )
+        shapes[name] = (tensor.shape[0], tensor.shape[2], tensor.shape[3])
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"modalities must share batch size, height and width (B, H, W): {shapes}")
+    if len({tensor.device for tensor in images.values()}) > 1:
+        raise ValueError("all modalities must be on the same device")
+    return next(iter(shapes.values()))
+
+
+class MultiCropAugment:
+    """DINOv2 multi-crop (2 global + n local views) for a batch of co-registered modalities.
+
+    Outputs are crop-major: rows v*B .. (v+1)*B-1 of each tensor hold view v of samples 0..B-1.
+    """
+
+    def __init__(
+        self,
+        global_crops_size: int,
+        local_crops_size: int,
+        local_crops_number: int,
+        global_crops_scale: tuple[float, float] = (0.32, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.32),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_prob: float = 0.5,
+        rotate90: bool = True,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        band_jitter: float = 0.05,
+        blur_prob_global: tuple[float, float] = (1.0, 0.1),
+        blur_prob_local: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+    ) -> None:
+        if global_crops_size < 1 or local_crops_size < 1:
+            raise ValueError(
+                f"crop sizes must be >= 1, got global {global_crops_size}, local {local_crops_size}"
+            )
+        if local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        _check_range("global_crops_scale", global_crops_scale, 0.0, 1.0)
+        _check_range("local_crops_scale", local_crops_scale, 0.0, 1.0)
+        if global_crops_scale[0] <= 0.0 or local_crops_scale[0] <= 0.0:
+            raise ValueError("crop scales must be strictly positive")
+        _check_range("ratio", ratio, 0.0, math.inf)
+        if ratio[0] <= 0.0:
+            raise ValueError(f"ratio must be strictly positive, got {ratio}")
+        _check_probability("flip_prob", flip_prob)
+        if len(blur_prob_global) != 2:
+            raise ValueError(
+                f"blur_prob_global needs one probability per global view: {blur_prob_global}"
+            )
+        for probability in (*blur_prob_global, blur_prob_local):
+            _check_probability("blur probability", probability)
+        if brightness < 0.0:
+            raise ValueError(f"brightness must be >= 0, got {brightness}")
+        if not 0.0 <= contrast <= 1.0:
+            raise ValueError(f"contrast must be in [0, 1], got {contrast}")
+        if not 0.0 <= band_jitter < 1.0:
+            raise ValueError(f"band_jitter must be in [0, 1), got {band_jitter}")
+        _check_range("blur_sigma", blur_sigma, 0.0, math.inf)
+        if blur_sigma[0] <= 0.0:
+            raise ValueError(f"blur_sigma must be strictly positive, got {blur_sigma}")
+        self.global_crops_size = global_crops_size
+        self.local_crops_size = local_crops_size
+        self.local_crops_number = local_crops_number
+        self.global_crops_scale = tuple(global_crops_scale)
+        self.local_crops_scale = tuple(local_crops_scale)
+        self.ratio = tuple(ratio)
+        self.flip_prob = flip_prob
+        self.rotate90 = rotate90
+        self.brightness = brightness
+        self.contrast = contrast
+        self.band_jitter = band_jitter
+        self.blur_prob_global = tuple(blur_prob_global)
+        self.blur_prob_local = blur_prob_local
+        self.blur_sigma = tuple(blur_sigma)
+        # The kernel covers +-3 sigma of the widest blur; fixed, so no device sync is needed.
+        self.blur_radius = math.ceil(3.0 * blur_sigma[1])
+
+    def __call__(
+        self, images: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        _check_images(images)
+        global_views = [
+            self._view(images, self.global_crops_size, self.global_crops_scale, prob, generator)
+            for prob in self.blur_prob_global
+        ]
+        local_views = [
+            self._view(
+                images,
+                self.local_crops_size,
+                self.local_crops_scale,
+                self.blur_prob_local,
+                generator,
+            )
+            for _ in range(self.local_crops_number)
+        ]
+        return {
+            "global_crops": self._stack_views(images, global_views, self.global_crops_size),
+            "local_crops": self._stack_views(images, local_views, self.local_crops_size),
+        }
+
+    @staticmethod
+    def _stack_views(
+        images: dict[str, torch.Tensor], views: list[dict[str, torch.Tensor]], size: int
+    ) -> dict[str, torch.Tensor]:
+        stacked = {}
+        for name, tensor in images.items():
+            if views:
+                stacked[name] = torch.cat([view[name] for view in views])
+            else:
+                stacked[name] = tensor.new_empty((0, tensor.shape[1], size, size))
+        return stacked
+
+    def _view(
+        self,
+        images: dict[str, torch.Tensor],
+        size: int,
+        scale: tuple[float, float],
+        blur_prob: float,
+        generator: torch.Generator,
+    ) -> dict[str, torch.Tensor]:
+        """One view of every sample: shared geometry, then per-modality photometry."""
+        reference = next(iter(images.values()))
+        batch, _, height, width = reference.shape
+        center, half_size = sample_crop_boxes(batch, height, width, scale, self.ratio, generator)
+        hflip = torch.rand(batch, generator=generator) < self.flip_prob
+        vflip = torch.rand(batch, generator=generator) < self.flip_prob
+        turns = torch.randint(0, 4 if self.rotate90 else 1, (batch,), generator=generator)
+        theta = crop_affine(center, half_size, hflip, vflip, turns).to(reference.device)
+        grid = F.affine_grid(theta, [batch, 1, size, size], align_corners=False)
+        view = {}
+        # Sorted, so the random stream does not depend on the dict's insertion order.
+        for name in sorted(images):
+            crops = F.grid_sample(
+                images[name],
+                grid.to(images[name].dtype),
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=False,
+            )
+            view[name] = self._photometric(crops, blur_prob, generator)
+        return view
+
+    def _photometric(
+        self, crops: torch.Tensor, blur_prob: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Per-band gain, contrast around each band's mean, additive brightness, optional blur."""
+        batch, channels = crops.shape[:2]
+        band_gain = _uniform(
+            (batch, channels), 1.0 - self.band_jitter, 1.0 + self.band_jitter, generator
+        )
+        contrast = _uniform((batch,), 1.0 - self.contrast, 1.0 + self.contrast, generator)
+        brightness = _uniform((batch,), -self.brightness, self.brightness, generator)
+        blurred = torch.rand(batch, generator=generator) < blur_prob
+        sigma = _uniform((batch,), self.blur_sigma[0], self.blur_sigma[1], generator)
+
+        def on_device(values: torch.Tensor) -> torch.Tensor:
+            return values.to(device=crops.device, dtype=crops.dtype)
+
+        crops = crops * on_device(band_gain)[:, :, None, None]
+        band_mean = crops.mean(dim=(-2, -1), keepdim=True)
+        crops = (crops - band_mean) * on_device(contrast)[:, None, None, None] + band_mean
+        crops = crops + on_device(brightness)[:, None, None, None]
+        if blurred.any():
+            selected = blurred.nonzero()[:, 0].to(crops.device)
+            crops[selected] = gaussian_blur(
+                crops[selected], on_device(sigma[blurred]), self.blur_radius
+            )
+        return crops

@@ -1,0 +1,142 @@
+"""iBOT masks for the global crops: BEiT-style random blocks, stratified mask ratios."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+_ATTEMPTS_PER_BLOCK = 10
+
+
+class BlockMaskGenerator:
+    """Masks patches of a grid by stacking random rectangles (BEiT's block-wise masking).
+
+    Blocks rather than scattered patches make masked-patch prediction need context from further
+    away. Each rectangle has an area uniform in [min_num_patches, remaining budget capped at
+    max_num_patches] and a log-uniform aspect ratio; it is kept only if it masks at least one new
+    patch without overshooting the target. Placement stops when the target is reached or when a
+    round of attempts adds nothing, so the count can fall slightly short of the target.
+    """
+
+    def __init__(
+        self,
+        grid_size: tuple[int, int],
+        max_num_patches: int | None = None,
+        min_num_patches: int = 4,
+        min_aspect: float = 0.3,
+        max_aspect: float | None = None,
+    ) -> None:
+        height, width = grid_size
+        if height < 1 or width < 1:
+            raise ValueError(f"grid_size must be positive, got {grid_size}")
+        if max_num_patches is None:
+            max_num_patches = max(1, height * width // 2)
+        # min may exceed max on tiny grids: areas are then drawn from the reversed interval.
+        if min_num_patches < 1 or max_num_patches < 1:
+            raise ValueError(
+                "min_num_patches and max_num_patches must be >= 1, "
+                f"got {min_num_patches} and {max_num_patches}"
+            )
+        if max_aspect is None:
+            max_aspect = 1.0 / min_aspect
+        if not 0.0 < min_aspect <= max_aspect:
+            raise ValueError(f"need 0 < min_aspect <= max_aspect, got {min_aspect}, {max_aspect}")
+        self.height = height
+        self.width = width
+        self.max_num_patches = max_num_patches
+        self.min_num_patches = min_num_patches
+        self.log_aspect_range = (math.log(min_aspect), math.log(max_aspect))
+
+    def __call__(self, num_masking_patches: int, generator: torch.Generator) -> torch.Tensor:
+        """A bool [height, width] mask with at most `num_masking_patches` True entries."""
+        mask = torch.zeros((self.height, self.width), dtype=torch.bool)
+        count = 0
+        while count < num_masking_patches:
+            budget = min(num_masking_patches - count, self.max_num_patches)
+            added = self._add_block(mask, budget, generator)
+            if added == 0:
+                break
+            count += added
+        return mask
+
+    def _add_block(self, mask: torch.Tensor, budget: int, generator: torch.Generator) -> int:
+        """Try to mask one rectangle adding 1..budget new patches; return how many it added."""
+        for _ in range(_ATTEMPTS_PER_BLOCK):
+            u_area, u_aspect, u_top, u_left = torch.rand(4, generator=generator).tolist()
+            # When the budget is below min_num_patches the interval is reversed, as in BEiT.
+            area = self.min_num_patches + u_area * (budget - self.min_num_patches)
+            log_aspect = self.log_aspect_range[0] + u_aspect * (
+                self.log_aspect_range[1] - self.log_aspect_range[0]
+            )
+            aspect = math.exp(log_aspect)
+            block_height = round(math.sqrt(area * aspect))
+            block_width = round(math.sqrt(area / aspect))
+            if not (1 <= block_height <= self.height and 1 <= block_width <= self.width):
+                continue
+            top = int(u_top * (self.height - block_height + 1))
+            left = int(u_left * (self.width - block_width + 1))
+            block = mask[top : top + block_height, left : left + block_width]
+            added = block.numel() - int(block.sum())
+            if 0 < added <= budget:
+                block.fill_(True)
+                return added
+        return 0
+
+
+@dataclass
+class IBotMasks:
+    """Masks of a batch of global crops, plus the flat views the iBOT loss consumes."""
+
+    masks: torch.Tensor  # bool [n_images, N]
+    mask_indices: torch.Tensor  # long [M]: positions of True in masks.flatten()
+    masks_weight: torch.Tensor  # float [M]: 1 / (number of masked patches of that image)
+    n_masked_patches: int  # M
+
+
+def sample_ibot_masks(
+    n_images: int,
+    grid_size: tuple[int, int],
+    mask_ratio_min_max: tuple[float, float],
+    mask_sample_probability: float,
+    generator: torch.Generator,
+) -> IBotMasks:
+    """Mask int(n_images * p) of the images, with ratios stratified over [min, max].
+
+    Stratifying (image i draws its ratio inside the i-th of equal sub-intervals) spreads the mask
+    ratios evenly across the batch instead of leaving it to chance; the images are then shuffled
+    so that which ones are masked is random.
+    """
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    low, high = mask_ratio_min_max
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {(low, high)}")
+    if not 0.0 <= mask_sample_probability <= 1.0:
+        raise ValueError(
+            f"mask_sample_probability must be in [0, 1], got {mask_sample_probability}"
+        )
+    num_patches = grid_size[0] * grid_size[1]
+    block_masker = BlockMaskGenerator(grid_size)
+    n_masked_images = int(n_images * mask_sample_probability)
+    strata = torch.linspace(low, high, n_masked_images + 1).tolist()
+    masks = []
+    for stratum_low, stratum_high in itertools.pairwise(strata):
+        ratio = stratum_low + torch.rand(1, generator=generator).item() * (
+            stratum_high - stratum_low
+        )
+        masks.append(block_masker(int(num_patches * ratio), generator))
+    masks += [torch.zeros(grid_size, dtype=torch.bool)] * (n_images - n_masked_images)
+    order = torch.randperm(n_images, generator=generator)
+    flat_masks = torch.stack(masks).flatten(1)[order]
+    mask_indices = flat_masks.flatten().nonzero().flatten()
+    per_image_weight = 1.0 / flat_masks.sum(dim=1).clamp(min=1).float()
+    masks_weight = per_image_weight[:, None].expand_as(flat_masks)[flat_masks]
+    return IBotMasks(
+        masks=flat_masks,
+        mask_indices=mask_indices,
+        masks_weight=masks_weight,
+        n_masked_patches=int(mask_indices.numel()),
+    )

@@ -1,0 +1,156 @@
+"""Building blocks of the DINOv2 Vision Transformer.
+
+Module and parameter names follow the official DINOv2 checkpoints so that their weights load
+without any renaming (see ``rsdino.models.pretrained``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each one to a token."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map images [B, C, H, W] to patch tokens [B, (H/p)*(W/p), D], row-major over the grid."""
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"Input size {height}x{width} is not divisible by the patch size {self.patch_size}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused projection for queries, keys and values."""
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, head_dim]
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    """The classic transformer feed-forward network: Linear, GELU, Linear."""
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def swiglu_hidden_features(hidden_features: int) -> int:
+    """Hidden width DINOv2 uses for SwiGLU: 2/3 of the MLP width (same parameter count, since
+    SwiGLU has three matrices instead of two), rounded up to a multiple of 8 for efficient kernels.
+    """
+    return (int(hidden_features * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """Gated feed-forward network (SwiGLU) used by DINOv2's ViT-g.
+
+    ``hidden_features`` is the width an ordinary ``Mlp`` would have; it is shrunk by
+    ``swiglu_hidden_features`` exactly like DINOv2's fused variant (4096 for ViT-g).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True) -> None:
+        super().__init__()
+        hidden = swiglu_hidden_features(hidden_features)
+        self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel scale of a residual branch, started small to keep deep ViTs stable."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples during training.
+
+    Kept samples are rescaled by 1/keep_prob so the expected output is unchanged.
+    """
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * keep / keep_prob
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        ffn_layer: type[Mlp] | type[SwiGLUFFN] = Mlp,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ffn_layer(dim, int(dim * mlp_ratio), bias=ffn_bias)
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class BlockChunk(nn.ModuleList):
+    """A group of blocks run in order; DINOv2 groups blocks this way to shard them together."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self:
+            x = block(x)
+        return x

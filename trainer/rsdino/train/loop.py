@@ -1,0 +1,289 @@
+"""The training loop: data -> multi-crop -> masks -> SSL step -> EMA -> logs and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from rsdino import __version__
+from rsdino.config.loader import config_to_yaml
+from rsdino.data.augment import MultiCropAugment
+from rsdino.data.bands import BandNormalizer, band_stats
+from rsdino.data.build import build_dataset
+from rsdino.data.collate import collate_samples
+from rsdino.data.masking import IBotMasks, sample_ibot_masks
+from rsdino.data.sampler import ResumableShuffleSampler
+from rsdino.errors import RsdinoError
+from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLMetaArch
+from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
+from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
+from rsdino.train.checkpoint import CheckpointManager
+from rsdino.train.output_dir import prepare_output_dir
+from rsdino.train.progress import ProgressReporter
+from rsdino.train.runtime import (
+    autocast,
+    resolve_device,
+    resolve_precision,
+    step_generator,
+    step_seed,
+)
+
+log = logging.getLogger("rsdino")
+
+
+class TrainingDivergedError(RsdinoError, RuntimeError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    resumed_from: int | None
+    last_checkpoint: Path | None
+    history: list[dict] = field(default_factory=list)
+
+
+def total_steps(cfg: DictConfig) -> int:
+    return cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+
+
+def make_schedules(cfg: DictConfig) -> Schedules:
+    optim, teacher = cfg.optim, cfg.teacher
+    return build_schedules(
+        lr=scaled_lr(optim.base_lr, cfg.train.batch_size_per_gpu, optim.scaling_rule),
+        min_lr=optim.min_lr,
+        epochs=optim.epochs,
+        epoch_length=cfg.train.OFFICIAL_EPOCH_LENGTH,
+        warmup_epochs=optim.warmup_epochs,
+        weight_decay=optim.weight_decay,
+        weight_decay_end=optim.weight_decay_end,
+        momentum_teacher=teacher.momentum_teacher,
+        final_momentum_teacher=teacher.final_momentum_teacher,
+        teacher_temp=teacher.teacher_temp,
+        warmup_teacher_temp=teacher.warmup_teacher_temp,
+        warmup_teacher_temp_epochs=teacher.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
+    )
+
+
+def make_optimizer(cfg: DictConfig, model: SSLMetaArch) -> torch.optim.AdamW:
+    groups = build_param_groups(
+        model.student.named_parameters(),
+        num_layers=model.student["backbone"].n_blocks,
+        layerwise_decay=cfg.optim.layerwise_decay,
+        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+    )
+    for group in groups:
+        group.pop("names", None)
+    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+
+
+def make_augment(cfg: DictConfig) -> MultiCropAugment:
+    crops, aug = cfg.crops, cfg.augment
+    return MultiCropAugment(
+        global_crops_size=crops.global_crops_size,
+        local_crops_size=crops.local_crops_size,
+        local_crops_number=crops.local_crops_number,
+        global_crops_scale=tuple(crops.global_crops_scale),
+        local_crops_scale=tuple(crops.local_crops_scale),
+        flip_prob=aug.flip_prob,
+        rotate90=aug.rotate90,
+        brightness=aug.brightness,
+        contrast=aug.contrast,
+        band_jitter=aug.band_jitter,
+        blur_prob_global=tuple(aug.blur_prob_global),
+        blur_prob_local=aug.blur_prob_local,
+        blur_sigma=tuple(aug.blur_sigma),
+    )
+
+
+def make_loader(cfg: DictConfig, start_step: int, device: torch.device) -> DataLoader:
+    dataset = build_dataset(cfg)
+    batch_size = cfg.train.batch_size_per_gpu
+    sampler = ResumableShuffleSampler(
+        len(dataset), seed=cfg.train.seed, start_position=start_step * batch_size
+    )
+    workers = cfg.train.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_samples,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def sample_masks(
+    cfg: DictConfig, n_images: int, generator: torch.Generator, device: torch.device
+) -> IBotMasks | None:
+    if cfg.ibot.loss_weight <= 0:
+        return None
+    grid = cfg.crops.global_crops_size // cfg.student.patch_size
+    masks = sample_ibot_masks(
+        n_images,
+        (grid, grid),
+        tuple(cfg.ibot.mask_ratio_min_max),
+        cfg.ibot.mask_sample_probability,
+        generator,
+    )
+    return IBotMasks(
+        masks=masks.masks.to(device, non_blocking=True),
+        mask_indices=masks.mask_indices.to(device, non_blocking=True),
+        masks_weight=masks.masks_weight.to(device, non_blocking=True),
+        n_masked_patches=masks.n_masked_patches,
+    )
+
+
+def _clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
+    """Clip each student module (backbone, heads) on its own, as DINOv2 does."""
+    if max_norm <= 0:
+        return
+    for module in model.student.values():
+        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+
+
+def _check_finite(losses: dict[str, float], first_step: int, last_step: int, ckpt: Path | None):
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+    if not bad:
+        return
+    where = (
+        f"at step {last_step}"
+        if first_step == last_step
+        else f"between steps {first_step} and {last_step}"
+    )
+    keep = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+    raise TrainingDivergedError(
+        f"loss became non-finite {where} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+        f"training stopped without saving, {keep}. Lower optim.base_lr or optim.clip_grad, "
+        "or check the input data, then rerun: it resumes from the last good checkpoint."
+    )
+
+
+def train(cfg: DictConfig, output_dir: Path, resume: bool = True) -> TrainResult:
+    """Run (or resume) the pretraining described by ``cfg``; returns where it ended."""
+    paths = prepare_output_dir(output_dir, archive_checkpoints=not resume)
+    paths.config.write_text(config_to_yaml(cfg))
+    device = resolve_device(cfg.train.device)
+    amp_dtype = resolve_precision(cfg.train.precision, device)
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+
+    model = SSLMetaArch(cfg).to(device)
+    optimizer = make_optimizer(cfg, model)
+    schedules = make_schedules(cfg)
+    checkpoints = CheckpointManager(paths.checkpoints, keep=cfg.checkpoint.keep)
+
+    start_step, resumed_from, last_checkpoint = 0, None, None
+    if resume:
+        loaded = checkpoints.load_latest()
+        if loaded is not None:
+            model.load_state_dict(loaded.state["model"])
+            optimizer.load_state_dict(loaded.state["optimizer"])
+            start_step = resumed_from = loaded.step
+            last_checkpoint = loaded.path
+            log.info("resumed from %s (step %d)", loaded.path, loaded.step)
+
+    steps = total_steps(cfg)
+    batch_size = cfg.train.batch_size_per_gpu
+    normalizer = BandNormalizer(*band_stats("s2", cfg.train.dataset.s2_layout)).to(device)
+    augment = make_augment(cfg)
+    reporter = ProgressReporter(paths.train_log, steps, batch_size)
+    result = TrainResult(final_step=start_step, resumed_from=resumed_from, last_checkpoint=None)
+    log.info(
+        "training %s/%d on %s (%s) for %d steps, batch %d, output %s",
+        cfg.student.arch,
+        cfg.student.patch_size,
+        device,
+        "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
+        steps,
+        batch_size,
+        output_dir,
+    )
+    if start_step >= steps:
+        log.info("nothing to do: step %d already reached", start_step)
+        result.last_checkpoint = last_checkpoint
+        return result
+
+    def save(step: int) -> Path:
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "config": config_to_yaml(cfg),
+            "rsdino_version": __version__,
+        }
+        return checkpoints.save(step, state)
+
+    model.train()
+    loader = make_loader(cfg, start_step, device)
+    batches = iter(loader)
+    reporter.start(start_step)
+    window_start = start_step
+    running: dict[str, torch.Tensor] = {}
+    try:
+        for step in range(start_step, steps):
+            batch = next(batches)
+            generator = step_generator(seed, step)
+            torch.manual_seed(step_seed(seed, step))  # stochastic depth draws
+            images = normalizer(batch["s2"].to(device, non_blocking=True))
+            crops = augment({"s2": images}, generator)
+            global_crops = crops["global_crops"]["s2"]
+            local_crops = crops["local_crops"]["s2"] if cfg.crops.local_crops_number else None
+            masks = sample_masks(cfg, N_GLOBAL_CROPS * batch_size, generator, device)
+
+            apply_optim_schedule(
+                optimizer,
+                lr=schedules.lr[step],
+                wd=schedules.wd[step],
+                last_layer_lr=schedules.last_layer_lr[step],
+            )
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, amp_dtype):
+                total, parts = model.compute_losses(
+                    global_crops, local_crops, masks, schedules.teacher_temp[step]
+                )
+            total.backward()
+            _clip_gradients(model, cfg.optim.clip_grad)
+            optimizer.step()
+            model.update_teacher(schedules.momentum[step])
+
+            parts["total"] = total.detach()
+            for name, value in parts.items():
+                running[name] = running.get(name, 0.0) + value
+            done = step + 1
+            is_log_step = done % cfg.train.log_every_steps == 0 or done == steps
+            is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
+            if is_log_step or is_ckpt_step:
+                n = done - window_start
+                losses = {name: float(value) / n for name, value in running.items()}
+                _check_finite(losses, window_start + 1, done, last_checkpoint)
+                running, window_start = {}, done
+                scalars = {
+                    "lr": schedules.lr[step],
+                    "wd": schedules.wd[step],
+                    "momentum": schedules.momentum[step],
+                    "teacher_temp": schedules.teacher_temp[step],
+                }
+                result.history.append(reporter.report(done, losses, scalars))
+            if is_ckpt_step:
+                started = time.perf_counter()
+                last_checkpoint = save(done)
+                log.info(
+                    "saved checkpoint %s in %.2fs", last_checkpoint, time.perf_counter() - started
+                )
+            result.final_step = done
+    finally:
+        del batches
+    result.last_checkpoint = last_checkpoint
+    return result

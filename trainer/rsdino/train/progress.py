@@ -1,0 +1,61 @@
+"""Human-facing progress lines and a machine-readable JSON-lines log of the same numbers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("rsdino")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class ProgressReporter:
+    """Prints one line per logging interval and appends the same record to ``train_log.jsonl``."""
+
+    def __init__(self, log_path: Path, total_steps: int, samples_per_step: int) -> None:
+        self.log_path = log_path
+        self.total_steps = total_steps
+        self.samples_per_step = samples_per_step
+        self._last_time = time.perf_counter()
+        self._last_step: int | None = None
+
+    def start(self, step: int) -> None:
+        self._last_time = time.perf_counter()
+        self._last_step = step
+
+    def report(self, step: int, losses: dict[str, float], scalars: dict[str, float]) -> dict:
+        """``step`` is the number of completed steps."""
+        now = time.perf_counter()
+        done = step - (self._last_step if self._last_step is not None else step)
+        elapsed = now - self._last_time
+        seconds_per_step = elapsed / done if done > 0 else 0.0
+        samples_per_s = self.samples_per_step / seconds_per_step if seconds_per_step else 0.0
+        eta = seconds_per_step * (self.total_steps - step)
+        self._last_time, self._last_step = now, step
+
+        loss_text = " ".join(f"{name} {value:.4f}" for name, value in losses.items())
+        log.info(
+            "step %d/%d | %s | lr %.3g | %.1f samples/s | ETA %s",
+            step,
+            self.total_steps,
+            loss_text,
+            scalars["lr"],
+            samples_per_s,
+            format_duration(eta),
+        )
+        record = {"step": step, **losses, **scalars, "samples_per_s": samples_per_s}
+        with open(self.log_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return record
