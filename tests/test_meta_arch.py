@@ -1,0 +1,120 @@
+"""The DINOv2 step on a tiny model: pairing of views, loss composition, teacher EMA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from rsdino.data.masking import sample_ibot_masks
+from rsdino.ssl.meta_arch import SSLMetaArch
+
+BATCH = 3
+
+
+def _model(*overrides: str) -> SSLMetaArch:
+    torch.manual_seed(0)
+    return SSLMetaArch(tiny_config(*overrides)).train()
+
+
+def _crops(n_local: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    global_crops = torch.randn(2 * BATCH, 13, 32, 32, generator=generator)
+    local_crops = torch.randn(n_local * BATCH, 13, 16, 16, generator=generator)
+    return global_crops, local_crops
+
+
+def _masks(probability: float = 0.5):
+    return sample_ibot_masks(
+        2 * BATCH, (4, 4), (0.1, 0.5), probability, torch.Generator().manual_seed(2)
+    )
+
+
+def test_teacher_starts_as_student_and_gets_no_gradient() -> None:
+    model = _model()
+    for (name, s), (_, t) in zip(
+        model.student.named_parameters(), model.teacher.named_parameters(), strict=True
+    ):
+        assert torch.equal(s, t), name
+        assert not t.requires_grad
+    total, _ = model.compute_losses(*_crops(), _masks(), teacher_temp=0.04)
+    total.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.student["backbone"].blocks.parameters())
+
+
+def test_parts_sum_to_total_and_are_finite() -> None:
+    model = _model()
+    total, parts = model.compute_losses(*_crops(), _masks(), teacher_temp=0.04)
+    assert set(parts) == {"dino_global", "dino_local", "koleo", "ibot"}
+    assert torch.allclose(sum(parts.values()), total.detach())
+    assert all(torch.isfinite(v) for v in parts.values())
+
+
+def test_each_view_is_taught_by_the_other_view() -> None:
+    model = _model()
+    global_crops, _ = _crops()
+    center_before = model.dino_loss.center.clone()
+    targets = model.teacher_targets(global_crops, None, teacher_temp=0.05)
+    with torch.no_grad():
+        view1 = global_crops[BATCH:]
+        logits = model.teacher["dino_head"](model.teacher["backbone"](view1))
+    expected = F.softmax((logits - center_before) / 0.05, dim=-1)
+    assert torch.allclose(targets.dino[0], expected, atol=1e-6)
+    assert not torch.equal(model.dino_loss.center, center_before), "the centre was updated"
+
+
+def test_dino_global_matches_hand_formula_without_locals() -> None:
+    """With no local crops the global term is the mean cross-entropy over both swapped pairs."""
+    model = _model(
+        "crops.local_crops_number=0",
+        "ibot.loss_weight=0",
+        "dino.koleo_loss_weight=0",
+        "student.drop_path_rate=0",
+    )
+    global_crops, _ = _crops()
+    center = model.dino_loss.center.clone()
+    total, parts = model.compute_losses(global_crops, None, None, teacher_temp=0.04)
+    with torch.no_grad():
+        t = model.teacher["dino_head"](model.teacher["backbone"](global_crops))
+        s = model.student["dino_head"](model.student["backbone"](global_crops))
+    t = torch.cat(t.chunk(2)[::-1])
+    p_teacher = F.softmax((t - center) / 0.04, dim=-1)
+    ce = -(p_teacher * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
+    assert set(parts) == {"dino_global"}
+    assert torch.allclose(total.detach(), ce, rtol=1e-5)
+
+
+def test_no_masked_patch_gives_zero_ibot_not_nan() -> None:
+    model = _model()
+    total, parts = model.compute_losses(*_crops(), _masks(probability=0.0), teacher_temp=0.04)
+    assert parts["ibot"] == 0
+    assert torch.isfinite(total)
+
+
+def test_sinkhorn_and_separate_head_variants_train() -> None:
+    model = _model(
+        "train.centering=sinkhorn_knopp",
+        "ibot.separate_head=true",
+        "ibot.head_n_prototypes=32",
+        "ibot.head_hidden_dim=32",
+        "ibot.head_bottleneck_dim=16",
+    )
+    assert "ibot_head" in model.student and "ibot_head" in model.teacher
+    total, _ = model.compute_losses(*_crops(), _masks(), teacher_temp=0.04)
+    total.backward()
+    assert torch.isfinite(total)
+    assert model.student["ibot_head"].last_layer.weight.grad is not None
+
+
+def test_ema_update_moves_teacher_towards_student() -> None:
+    model = _model()
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    before = [t.clone() for t in model.teacher.parameters()]
+    model.update_teacher(momentum=0.75)
+    for old, new, s in zip(
+        before, model.teacher.parameters(), model.student.parameters(), strict=True
+    ):
+        assert torch.allclose(new, 0.75 * old + 0.25 * s)
