@@ -118,3 +118,29 @@ def test_ema_update_moves_teacher_towards_student() -> None:
         before, model.teacher.parameters(), model.student.parameters(), strict=True
     ):
         assert torch.allclose(new, 0.75 * old + 0.25 * s)
+
+
+def test_pretrained_rgb_backbone_initialises_student_and_teacher(tmp_path) -> None:
+    from rsdino.models.vit import build_vit
+
+    rgb = build_vit(
+        "vit_small", img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2
+    )
+    path = tmp_path / "dinov2_rgb.pth"
+    torch.save(rgb.state_dict(), path)
+    model = _model(f"student.pretrained_weights={path}")
+    got = model.student["backbone"].patch_embed.proj.weight
+    expected = rgb.patch_embed.proj.weight.mean(dim=1, keepdim=True) * 3 / 13
+    assert torch.allclose(got, expected.expand_as(got))
+    assert torch.equal(
+        model.teacher["backbone"].blocks[0].attn.qkv.weight, rgb.blocks[0].attn.qkv.weight
+    )
+
+
+def test_missing_pretrained_weights_is_a_clear_error(tmp_path) -> None:
+    import pytest
+
+    from rsdino.errors import RsdinoError
+
+    with pytest.raises(RsdinoError, match=r"student\.pretrained_weights=.*nope\.pth"):
+        _model(f"student.pretrained_weights={tmp_path / 'nope.pth'}")

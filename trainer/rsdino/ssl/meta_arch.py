@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from rsdino.data.masking import IBotMasks
+from rsdino.errors import RsdinoError
 from rsdino.models.heads import DINOHead
 from rsdino.models.pretrained import load_pretrained_backbone
 from rsdino.models.vit import VisionTransformer, build_vit
@@ -48,6 +49,22 @@ def build_backbone(cfg: DictConfig, *, drop_path_rate: float) -> VisionTransform
     )
 
 
+def _load_pretrained(backbone: VisionTransformer, student_cfg: DictConfig) -> None:
+    path = student_cfg.pretrained_weights
+    try:
+        load_pretrained_backbone(
+            backbone,
+            path,
+            patch_embed_adapt=student_cfg.pretrained_patch_embed_adapt,
+            rgb_band_indices=tuple(student_cfg.pretrained_rgb_band_indices),
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise RsdinoError(
+            f"cannot load student.pretrained_weights='{path}': {exc}. Point it at a DINOv2-format "
+            "backbone checkpoint that matches student.arch/patch_size, or set it to ''."
+        ) from exc
+
+
 def _build_head(head_cfg: DictConfig, in_dim: int) -> DINOHead:
     return DINOHead(
         in_dim=in_dim,
@@ -78,12 +95,7 @@ class SSLMetaArch(nn.Module):
 
         student_backbone = build_backbone(cfg, drop_path_rate=cfg.student.drop_path_rate)
         if cfg.student.pretrained_weights:
-            load_pretrained_backbone(
-                student_backbone,
-                cfg.student.pretrained_weights,
-                patch_embed_adapt=cfg.student.pretrained_patch_embed_adapt,
-                rgb_band_indices=tuple(cfg.student.pretrained_rgb_band_indices),
-            )
+            _load_pretrained(student_backbone, cfg.student)
         embed_dim = student_backbone.embed_dim
         student = {"backbone": student_backbone, "dino_head": _build_head(cfg.dino, embed_dim)}
         teacher = {
