@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from rsdino import __version__
@@ -170,120 +171,141 @@ def _check_finite(losses: dict[str, float], first_step: int, last_step: int, ckp
     )
 
 
-def train(cfg: DictConfig, output_dir: Path, resume: bool = True) -> TrainResult:
-    """Run (or resume) the pretraining described by ``cfg``; returns where it ended."""
-    paths = prepare_output_dir(output_dir, archive_checkpoints=not resume)
-    paths.config.write_text(config_to_yaml(cfg))
-    device = resolve_device(cfg.train.device)
-    amp_dtype = resolve_precision(cfg.train.precision, device)
-    seed = cfg.train.seed
-    torch.manual_seed(seed)
+class Trainer:
+    """One run: builds model, optimiser, data and schedules once; ``run`` steps until the end."""
 
-    model = SSLMetaArch(cfg).to(device)
-    optimizer = make_optimizer(cfg, model)
-    schedules = make_schedules(cfg)
-    checkpoints = CheckpointManager(paths.checkpoints, keep=cfg.checkpoint.keep)
+    def __init__(self, cfg: DictConfig, output_dir: Path, resume: bool = True) -> None:
+        self.cfg = cfg
+        self.paths = prepare_output_dir(output_dir, archive_checkpoints=not resume)
+        self.paths.config.write_text(config_to_yaml(cfg))
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
+        self.seed = cfg.train.seed
+        self.batch_size = cfg.train.batch_size_per_gpu
+        self.total_steps = total_steps(cfg)
 
-    start_step, resumed_from, last_checkpoint = 0, None, None
-    if resume:
-        loaded = checkpoints.load_latest()
-        if loaded is not None:
-            model.load_state_dict(loaded.state["model"])
-            optimizer.load_state_dict(loaded.state["optimizer"])
-            start_step = resumed_from = loaded.step
-            last_checkpoint = loaded.path
-            log.info("resumed from %s (step %d)", loaded.path, loaded.step)
+        torch.manual_seed(self.seed)  # the initial weights
+        self.model = SSLMetaArch(cfg).to(self.device)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.schedules = make_schedules(cfg)
+        layout = cfg.train.dataset.s2_layout
+        self.normalizer = BandNormalizer(*band_stats("s2", layout)).to(self.device)
+        self.augment = make_augment(cfg)
+        self.checkpoints = CheckpointManager(self.paths.checkpoints, keep=cfg.checkpoint.keep)
+        self.start_step, self.last_checkpoint = 0, None
+        if resume:
+            self._restore()
 
-    steps = total_steps(cfg)
-    batch_size = cfg.train.batch_size_per_gpu
-    normalizer = BandNormalizer(*band_stats("s2", cfg.train.dataset.s2_layout)).to(device)
-    augment = make_augment(cfg)
-    reporter = ProgressReporter(paths.train_log, steps, batch_size)
-    result = TrainResult(final_step=start_step, resumed_from=resumed_from, last_checkpoint=None)
-    log.info(
-        "training %s/%d on %s (%s) for %d steps, batch %d, output %s",
-        cfg.student.arch,
-        cfg.student.patch_size,
-        device,
-        "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch."),
-        steps,
-        batch_size,
-        output_dir,
-    )
-    if start_step >= steps:
-        log.info("nothing to do: step %d already reached", start_step)
-        result.last_checkpoint = last_checkpoint
-        return result
+    def _restore(self) -> None:
+        loaded = self.checkpoints.load_latest()
+        if loaded is None:
+            return
+        self.model.load_state_dict(loaded.state["model"])
+        self.optimizer.load_state_dict(loaded.state["optimizer"])
+        self.start_step, self.last_checkpoint = loaded.step, loaded.path
+        log.info("resumed from %s (step %d)", loaded.path, loaded.step)
 
-    def save(step: int) -> Path:
+    def _views(self, batch: dict, step: int) -> tuple[Tensor, Tensor | None, IBotMasks | None]:
+        """Normalise, multi-crop and mask a batch with the step's own random stream."""
+        generator = step_generator(self.seed, step)
+        images = self.normalizer(batch["s2"].to(self.device, non_blocking=True))
+        crops = self.augment({"s2": images}, generator)
+        local_crops = crops["local_crops"]["s2"] if self.cfg.crops.local_crops_number else None
+        n_global_images = N_GLOBAL_CROPS * self.batch_size
+        masks = sample_masks(self.cfg, n_global_images, generator, self.device)
+        return crops["global_crops"]["s2"], local_crops, masks
+
+    def train_step(self, batch: dict, step: int) -> dict[str, Tensor]:
+        """One optimisation step; returns the detached loss parts and their total."""
+        torch.manual_seed(step_seed(self.seed, step))  # stochastic depth draws
+        global_crops, local_crops, masks = self._views(batch, step)
+        schedules = self.schedules
+        apply_optim_schedule(
+            self.optimizer,
+            lr=schedules.lr[step],
+            wd=schedules.wd[step],
+            last_layer_lr=schedules.last_layer_lr[step],
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp_dtype):
+            total, parts = self.model.compute_losses(
+                global_crops, local_crops, masks, schedules.teacher_temp[step]
+            )
+        total.backward()
+        _clip_gradients(self.model, self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.model.update_teacher(schedules.momentum[step])
+        return {**parts, "total": total.detach()}
+
+    def save(self, step: int) -> Path:
+        started = time.perf_counter()
         state = {
             "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "config": config_to_yaml(cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": config_to_yaml(self.cfg),
             "rsdino_version": __version__,
         }
-        return checkpoints.save(step, state)
+        path = self.checkpoints.save(step, state)
+        log.info("saved checkpoint %s in %.2fs", path, time.perf_counter() - started)
+        return path
 
-    model.train()
-    loader = make_loader(cfg, start_step, device)
-    batches = iter(loader)
-    reporter.start(start_step)
-    window_start = start_step
-    running: dict[str, torch.Tensor] = {}
-    try:
-        for step in range(start_step, steps):
-            batch = next(batches)
-            generator = step_generator(seed, step)
-            torch.manual_seed(step_seed(seed, step))  # stochastic depth draws
-            images = normalizer(batch["s2"].to(device, non_blocking=True))
-            crops = augment({"s2": images}, generator)
-            global_crops = crops["global_crops"]["s2"]
-            local_crops = crops["local_crops"]["s2"] if cfg.crops.local_crops_number else None
-            masks = sample_masks(cfg, N_GLOBAL_CROPS * batch_size, generator, device)
+    def _scalars(self, step: int) -> dict[str, float]:
+        s = self.schedules
+        return {
+            "lr": s.lr[step],
+            "wd": s.wd[step],
+            "momentum": s.momentum[step],
+            "teacher_temp": s.teacher_temp[step],
+        }
 
-            apply_optim_schedule(
-                optimizer,
-                lr=schedules.lr[step],
-                wd=schedules.wd[step],
-                last_layer_lr=schedules.last_layer_lr[step],
-            )
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, amp_dtype):
-                total, parts = model.compute_losses(
-                    global_crops, local_crops, masks, schedules.teacher_temp[step]
-                )
-            total.backward()
-            _clip_gradients(model, cfg.optim.clip_grad)
-            optimizer.step()
-            model.update_teacher(schedules.momentum[step])
+    def run(self) -> TrainResult:
+        cfg, steps = self.cfg, self.total_steps
+        result = TrainResult(
+            final_step=self.start_step,
+            resumed_from=self.start_step if self.last_checkpoint else None,
+            last_checkpoint=self.last_checkpoint,
+        )
+        log.info(
+            "training %s/%d on %s (%s) for %d steps, batch %d, output %s",
+            cfg.student.arch,
+            cfg.student.patch_size,
+            self.device,
+            "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
+            steps,
+            self.batch_size,
+            self.paths.root,
+        )
+        if self.start_step >= steps:
+            log.info("nothing to do: step %d already reached", self.start_step)
+            return result
 
-            parts["total"] = total.detach()
-            for name, value in parts.items():
-                running[name] = running.get(name, 0.0) + value
-            done = step + 1
-            is_log_step = done % cfg.train.log_every_steps == 0 or done == steps
-            is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
-            if is_log_step or is_ckpt_step:
-                n = done - window_start
-                losses = {name: float(value) / n for name, value in running.items()}
-                _check_finite(losses, window_start + 1, done, last_checkpoint)
-                running, window_start = {}, done
-                scalars = {
-                    "lr": schedules.lr[step],
-                    "wd": schedules.wd[step],
-                    "momentum": schedules.momentum[step],
-                    "teacher_temp": schedules.teacher_temp[step],
-                }
-                result.history.append(reporter.report(done, losses, scalars))
-            if is_ckpt_step:
-                started = time.perf_counter()
-                last_checkpoint = save(done)
-                log.info(
-                    "saved checkpoint %s in %.2fs", last_checkpoint, time.perf_counter() - started
-                )
-            result.final_step = done
-    finally:
-        del batches
-    result.last_checkpoint = last_checkpoint
-    return result
+        self.model.train()
+        reporter = ProgressReporter(self.paths.train_log, steps, self.batch_size)
+        reporter.start(self.start_step)
+        batches = iter(make_loader(cfg, self.start_step, self.device))
+        window_start, running = self.start_step, {}
+        try:
+            for step in range(self.start_step, steps):
+                for name, value in self.train_step(next(batches), step).items():
+                    running[name] = running.get(name, 0.0) + value
+                done = step + 1
+                is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
+                if is_ckpt_step or done % cfg.train.log_every_steps == 0:
+                    # The only host sync of the loop: averages over the interval since the last.
+                    losses = {k: float(v) / (done - window_start) for k, v in running.items()}
+                    _check_finite(losses, window_start + 1, done, self.last_checkpoint)
+                    window_start, running = done, {}
+                    result.history.append(reporter.report(done, losses, self._scalars(step)))
+                if is_ckpt_step:
+                    self.last_checkpoint = self.save(done)
+                result.final_step = done
+        finally:
+            del batches  # stops the loader's worker processes
+        result.last_checkpoint = self.last_checkpoint
+        return result
+
+
+def train(cfg: DictConfig, output_dir: Path, resume: bool = True) -> TrainResult:
+    """Run (or resume) the pretraining described by ``cfg``; returns where it ended."""
+    return Trainer(cfg, output_dir, resume).run()
