@@ -3,8 +3,10 @@
 Pretrains the quickstart model on synthetic land-cover tiles, then classifies the dominant
 land-cover class of held-out tiles (indices never seen in training) with a weighted kNN on
 frozen [CLS] features. The same architecture at its random initialisation is the baseline.
+With ``--config quickstart_multimodal`` the fused Sentinel-1 + Sentinel-2 encoder is measured.
 
     python benchmarks/knn_signal.py --output-dir runs/knn_signal
+    python benchmarks/knn_signal.py --config quickstart_multimodal --output-dir runs/knn_mm
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from rsdino.data.bands import BandNormalizer, band_stats
 from rsdino.data.synthetic import SyntheticLandCover
 from rsdino.eval.features import extract_cls_features
 from rsdino.eval.knn import knn_accuracy
+from rsdino.models.build import modalities
 from rsdino.ssl.meta_arch import SSLMetaArch
 from rsdino.train.loop import train
 
 
-def knn_of(backbone: torch.nn.Module, cfg, n_train: int, n_test: int, k: int) -> float:
+def knn_of(encoder: torch.nn.Module, cfg, n_train: int, n_test: int, k: int) -> float:
     synthetic = cfg.train.synthetic
     layout = cfg.train.dataset.s2_layout
     held_out = synthetic.num_samples  # first index after the training indices
@@ -42,9 +45,14 @@ def knn_of(backbone: torch.nn.Module, cfg, n_train: int, n_test: int, k: int) ->
             index_offset=held_out + offset,
         )
 
-    normalizer = BandNormalizer(*band_stats("s2", layout))
-    train_x, train_y = extract_cls_features(backbone, split(0, n_train), normalizer)
-    test_x, test_y = extract_cls_features(backbone, split(n_train, n_test), normalizer)
+    normalizers = {name: BandNormalizer(*band_stats(name, layout)) for name in modalities(cfg)}
+    use_time = cfg.student.temporal_embedding
+    train_x, train_y = extract_cls_features(
+        encoder, split(0, n_train), normalizers, use_time=use_time
+    )
+    test_x, test_y = extract_cls_features(
+        encoder, split(n_train, n_test), normalizers, use_time=use_time
+    )
     return knn_accuracy(train_x, train_y, test_x, test_y, k=k, num_classes=synthetic.num_classes)
 
 
@@ -61,7 +69,7 @@ def main() -> int:
 
     cfg = load_config(args.config, ["train.device=cpu", *args.overrides])
     torch.manual_seed(cfg.train.seed)  # the same initial weights train() starts from
-    random_init = SSLMetaArch(cfg).teacher["backbone"]
+    random_init = SSLMetaArch(cfg).teacher["encoder"]
     random_acc = knn_of(random_init, cfg, args.train_samples, args.test_samples, args.k)
 
     started = time.perf_counter()

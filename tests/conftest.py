@@ -38,3 +38,10 @@ def tiny_config(*extra: str) -> DictConfig:
 @pytest.fixture
 def tiny_cfg() -> DictConfig:
     return tiny_config()
+
+
+def tiny_multimodal_config(*extra: str) -> DictConfig:
+    return load_config(
+        "quickstart_multimodal",
+        [*TINY_OVERRIDES, "student.xattn.nhead=2", "student.xattn.nlayer=1", *extra],
+    )

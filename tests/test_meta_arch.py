@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from rsdino.data.masking import sample_ibot_masks
-from rsdino.ssl.meta_arch import SSLMetaArch
+from rsdino.ssl.meta_arch import SSLBatch, SSLMetaArch
 
 BATCH = 3
 
@@ -17,11 +17,15 @@ def _model(*overrides: str) -> SSLMetaArch:
     return SSLMetaArch(tiny_config(*overrides)).train()
 
 
-def _crops(n_local: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(masks=None, n_local: int = 2) -> SSLBatch:
     generator = torch.Generator().manual_seed(1)
     global_crops = torch.randn(2 * BATCH, 13, 32, 32, generator=generator)
     local_crops = torch.randn(n_local * BATCH, 13, 16, 16, generator=generator)
-    return global_crops, local_crops
+    return SSLBatch(
+        global_crops={"s2": global_crops},
+        local_crops={"s2": local_crops} if n_local else None,
+        masks=masks,
+    )
 
 
 def _masks(probability: float = 0.5):
@@ -37,15 +41,16 @@ def test_teacher_starts_as_student_and_gets_no_gradient() -> None:
     ):
         assert torch.equal(s, t), name
         assert not t.requires_grad
-    total, _ = model.compute_losses(*_crops(), _masks(), teacher_temp=0.04)
+    total, _ = model.compute_losses(_batch(_masks()), teacher_temp=0.04)
     total.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
-    assert all(p.grad is not None for p in model.student["backbone"].blocks.parameters())
+    blocks = model.student["encoder"].backbones["s2"].blocks
+    assert all(p.grad is not None for p in blocks.parameters())
 
 
 def test_parts_sum_to_total_and_are_finite() -> None:
     model = _model()
-    total, parts = model.compute_losses(*_crops(), _masks(), teacher_temp=0.04)
+    total, parts = model.compute_losses(_batch(_masks()), teacher_temp=0.04)
     assert set(parts) == {"dino_global", "dino_local", "koleo", "ibot"}
     assert torch.allclose(sum(parts.values()), total.detach())
     assert all(torch.isfinite(v) for v in parts.values())
@@ -53,12 +58,13 @@ def test_parts_sum_to_total_and_are_finite() -> None:
 
 def test_each_view_is_taught_by_the_other_view() -> None:
     model = _model()
-    global_crops, _ = _crops()
+    batch = _batch()
     center_before = model.dino_loss.center.clone()
-    targets = model.teacher_targets(global_crops, None, teacher_temp=0.05)
+    targets = model.teacher_targets(batch, None, teacher_temp=0.05)
     with torch.no_grad():
-        view1 = global_crops[BATCH:]
-        logits = model.teacher["dino_head"](model.teacher["backbone"](view1))
+        view1 = {"s2": batch.global_crops["s2"][BATCH:]}
+        cls = model.teacher["encoder"](view1)["x_norm_clstoken"]
+        logits = model.teacher["dino_head"](cls)
     expected = F.softmax((logits - center_before) / 0.05, dim=-1)
     assert torch.allclose(targets.dino[0], expected, atol=1e-6)
     assert not torch.equal(model.dino_loss.center, center_before), "the centre was updated"
@@ -72,12 +78,16 @@ def test_dino_global_matches_hand_formula_without_locals() -> None:
         "dino.koleo_loss_weight=0",
         "student.drop_path_rate=0",
     )
-    global_crops, _ = _crops()
+    batch = _batch(n_local=0)
     center = model.dino_loss.center.clone()
-    total, parts = model.compute_losses(global_crops, None, None, teacher_temp=0.04)
+    total, parts = model.compute_losses(batch, teacher_temp=0.04)
     with torch.no_grad():
-        t = model.teacher["dino_head"](model.teacher["backbone"](global_crops))
-        s = model.student["dino_head"](model.student["backbone"](global_crops))
+        t = model.teacher["dino_head"](
+            model.teacher["encoder"](batch.global_crops)["x_norm_clstoken"]
+        )
+        s = model.student["dino_head"](
+            model.student["encoder"](batch.global_crops)["x_norm_clstoken"]
+        )
     t = torch.cat(t.chunk(2)[::-1])
     p_teacher = F.softmax((t - center) / 0.04, dim=-1)
     ce = -(p_teacher * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
@@ -87,7 +97,7 @@ def test_dino_global_matches_hand_formula_without_locals() -> None:
 
 def test_no_masked_patch_gives_zero_ibot_not_nan() -> None:
     model = _model()
-    total, parts = model.compute_losses(*_crops(), _masks(probability=0.0), teacher_temp=0.04)
+    total, parts = model.compute_losses(_batch(_masks(probability=0.0)), teacher_temp=0.04)
     assert parts["ibot"] == 0
     assert torch.isfinite(total)
 
@@ -101,7 +111,7 @@ def test_sinkhorn_and_separate_head_variants_train() -> None:
         "ibot.head_bottleneck_dim=16",
     )
     assert "ibot_head" in model.student and "ibot_head" in model.teacher
-    total, _ = model.compute_losses(*_crops(), _masks(), teacher_temp=0.04)
+    total, _ = model.compute_losses(_batch(_masks()), teacher_temp=0.04)
     total.backward()
     assert torch.isfinite(total)
     assert model.student["ibot_head"].last_layer.weight.grad is not None
@@ -129,12 +139,11 @@ def test_pretrained_rgb_backbone_initialises_student_and_teacher(tmp_path) -> No
     path = tmp_path / "dinov2_rgb.pth"
     torch.save(rgb.state_dict(), path)
     model = _model(f"student.pretrained_weights={path}")
-    got = model.student["backbone"].patch_embed.proj.weight
+    got = model.student["encoder"].backbones["s2"].patch_embed.proj.weight
     expected = rgb.patch_embed.proj.weight.mean(dim=1, keepdim=True) * 3 / 13
     assert torch.allclose(got, expected.expand_as(got))
-    assert torch.equal(
-        model.teacher["backbone"].blocks[0].attn.qkv.weight, rgb.blocks[0].attn.qkv.weight
-    )
+    teacher_qkv = model.teacher["encoder"].backbones["s2"].blocks[0].attn.qkv.weight
+    assert torch.equal(teacher_qkv, rgb.blocks[0].attn.qkv.weight)
 
 
 def test_missing_pretrained_weights_is_a_clear_error(tmp_path) -> None:
@@ -142,5 +151,5 @@ def test_missing_pretrained_weights_is_a_clear_error(tmp_path) -> None:
 
     from rsdino.errors import RsdinoError
 
-    with pytest.raises(RsdinoError, match=r"student\.pretrained_weights=.*nope\.pth"):
+    with pytest.raises(RsdinoError, match=r"student\.pretrained_weights=.*nope\.pth.* s2 encoder"):
         _model(f"student.pretrained_weights={tmp_path / 'nope.pth'}")

@@ -49,7 +49,7 @@ def test_run_writes_config_log_and_checkpoints(finished_run: Path) -> None:
     state = _load(finished_run / "checkpoints" / checkpoint_name(6))
     assert state["step"] == 6
     assert "dino_loss.center" in state["model"]
-    assert any(k.startswith("teacher.backbone.blocks.") for k in state["model"])
+    assert any(k.startswith("teacher.encoder.backbones.s2.blocks.") for k in state["model"])
 
 
 def test_resume_reaches_bitwise_identical_weights(finished_run: Path, tmp_path: Path) -> None:

@@ -56,6 +56,23 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+def _preset_chain(preset: str) -> list[tuple[str, Path, DictConfig]]:
+    """The preset and the presets it builds on (``base: NAME``), most basic first."""
+    chain: list[tuple[str, Path, DictConfig]] = []
+    name: str | None = preset
+    while name is not None:
+        path = resolve_preset_path(name)
+        if any(seen == path for _, seen, _ in chain):
+            raise ConfigError(f"preset '{preset}': 'base' entries form a cycle at '{name}'")
+        layer = _load_yaml(path)
+        base = layer.pop("base", None)
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"preset '{name}' ({path}): 'base' must be a preset name or path")
+        chain.append((name, path, layer))
+        name = base
+    return chain[::-1]
+
+
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         key, sep, _ = item.partition("=")
@@ -83,8 +100,8 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Dic
     default_path = _config_dir() / "default.yaml"
     cfg = _merge(cfg, _load_yaml(default_path), "default.yaml")
     if preset:
-        path = resolve_preset_path(preset)
-        cfg = _merge(cfg, _load_yaml(path), f"preset '{preset}' ({path})")
+        for name, path, layer in _preset_chain(preset):
+            cfg = _merge(cfg, layer, f"preset '{name}' ({path})")
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "command-line override")
     missing = sorted(OmegaConf.missing_keys(cfg))

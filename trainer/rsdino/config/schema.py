@@ -53,6 +53,8 @@ class SyntheticConfig:
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    multimodal: bool = MISSING
+    modality_dropout: float = MISSING
     batch_size_per_gpu: int = MISSING
     num_workers: int = MISSING
     OFFICIAL_EPOCH_LENGTH: int = MISSING
@@ -70,13 +72,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class CrossAttentionConfig:
+    nhead: int = MISSING
+    nlayer: int = MISSING
+    dropout: float = MISSING
+
+
+@dataclass
 class StudentConfig:
     arch: str = MISSING
+    arch_s1: str = MISSING
+    arch_s2: str = MISSING
     patch_size: int = MISSING
     embed_dim: int | None = MISSING
     depth: int | None = MISSING
     num_heads: int | None = MISSING
     in_chans: int = MISSING
+    in_chans_s1: int = MISSING
+    in_chans_s2: int = MISSING
+    fuse_alg: str = MISSING
+    xattn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    temporal_embedding: bool = MISSING
+    temporal_year: bool = MISSING
     drop_path_rate: float = MISSING
     layerscale: float | None = MISSING
     drop_path_uniform: bool = MISSING

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
-from rsdino.data.bands import S2_LAYOUTS
+from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
 from rsdino.models.vit import ARCH_SPECS
 
 SUPPORTED_SOURCES = ("synthetic",)
@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 PATCH_EMBED_ADAPT = ("mean", "rgb")
+FUSE_ALGS = ("linear", "xattn")
 
 
 def _choice(problems: list[str], key: str, value: object, choices: tuple[str, ...]) -> None:
@@ -52,6 +53,65 @@ def _positive_range(low: float, high: float) -> bool:
     return 0.0 < low <= high
 
 
+def _arch_keys(cfg: DictConfig) -> tuple[str, ...]:
+    return ("arch_s1", "arch_s2") if cfg.train.multimodal else ("arch",)
+
+
+def encoder_dims(cfg: DictConfig) -> dict[str, int]:
+    """Token width of each encoder the config builds (after the embed_dim override)."""
+    return {
+        key: cfg.student.embed_dim or ARCH_SPECS[cfg.student[key]][0]
+        for key in _arch_keys(cfg)
+        if cfg.student[key] in ARCH_SPECS
+    }
+
+
+def _validate_arch(problems: list[str], cfg: DictConfig, key: str) -> None:
+    student = cfg.student
+    arch = student[key]
+    if arch not in ARCH_SPECS:
+        _choice(problems, f"student.{key}", arch, tuple(ARCH_SPECS))
+        return
+    spec_dim, spec_depth, spec_heads = ARCH_SPECS[arch]
+    embed_dim = student.embed_dim or spec_dim
+    num_heads = student.num_heads or spec_heads
+    depth = student.depth or spec_depth
+    _check(
+        problems,
+        embed_dim > 0 and num_heads > 0 and embed_dim % num_heads == 0,
+        f"student.{key}={arch}: embed_dim={embed_dim} must be a positive multiple of "
+        f"num_heads={num_heads}",
+    )
+    if student.block_chunks > 1:
+        _check(
+            problems,
+            depth % student.block_chunks == 0,
+            f"student.block_chunks={student.block_chunks} must divide the depth ({depth}) "
+            f"of student.{key}={arch}",
+        )
+
+
+def _validate_multimodal(problems: list[str], cfg: DictConfig) -> None:
+    student = cfg.student
+    _check(
+        problems,
+        student.in_chans_s1 == len(S1_BANDS),
+        f"student.in_chans_s1={student.in_chans_s1} but Sentinel-1 has {len(S1_BANDS)} bands "
+        f"({', '.join(S1_BANDS)})",
+    )
+    _choice(problems, "student.fuse_alg", student.fuse_alg, FUSE_ALGS)
+    xattn = student.xattn
+    _check(problems, xattn.nlayer >= 0, "student.xattn.nlayer must be >= 0")
+    _check(problems, 0.0 <= xattn.dropout < 1.0, "student.xattn.dropout must be in [0, 1)")
+    fused_dim = max(encoder_dims(cfg).values(), default=0)
+    if student.fuse_alg == "xattn":
+        _check(
+            problems,
+            xattn.nhead >= 1 and fused_dim % xattn.nhead == 0,
+            f"student.xattn.nhead={xattn.nhead} must divide the fused width {fused_dim}",
+        )
+
+
 def validate_config(cfg: DictConfig) -> list[str]:
     """Return human-readable problems; an empty list means the config is usable."""
     problems: list[str] = []
@@ -63,14 +123,35 @@ def validate_config(cfg: DictConfig) -> list[str]:
             f"supported sources: {', '.join(SUPPORTED_SOURCES)}"
         )
     _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
+    s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"
+    s2_chans = student.in_chans_s2 if train.multimodal else student.in_chans
     if train.dataset.s2_layout in S2_LAYOUTS:
         bands = len(S2_LAYOUTS[train.dataset.s2_layout])
         _check(
             problems,
-            student.in_chans == bands,
-            f"student.in_chans={student.in_chans} but train.dataset.s2_layout="
-            f"{train.dataset.s2_layout!r} has {bands} bands; set student.in_chans={bands}",
+            s2_chans == bands,
+            f"{s2_key}={s2_chans} but train.dataset.s2_layout="
+            f"{train.dataset.s2_layout!r} has {bands} bands; set {s2_key}={bands}",
         )
+    _check(
+        problems,
+        0.0 <= train.modality_dropout < 1.0,
+        "train.modality_dropout must be in [0, 1)",
+    )
+    if train.multimodal:
+        _validate_multimodal(problems, cfg)
+    else:
+        _check(
+            problems,
+            train.modality_dropout == 0,
+            "train.modality_dropout needs train.multimodal=true",
+        )
+    _check(
+        problems,
+        not student.temporal_year,
+        "student.temporal_year=true is not supported by the synthetic source (its samples carry "
+        "a day of year but no year); set it to false",
+    )
     _check(problems, train.synthetic.num_samples > 0, "train.synthetic.num_samples must be > 0")
     _check(problems, train.synthetic.tile_size >= 8, "train.synthetic.tile_size must be >= 8")
     _check(problems, train.synthetic.num_classes >= 2, "train.synthetic.num_classes must be >= 2")
@@ -84,7 +165,8 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _check(problems, cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
     _check(problems, cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
 
-    _choice(problems, "student.arch", student.arch, tuple(ARCH_SPECS))
+    for key in _arch_keys(cfg):
+        _validate_arch(problems, cfg, key)
     _choice(problems, "student.ffn_layer", student.ffn_layer, FFN_LAYERS)
     _choice(
         problems,
@@ -98,25 +180,8 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _check(
         problems, 0.0 <= student.drop_path_rate < 1.0, "student.drop_path_rate must be in [0, 1)"
     )
-    embed_dim = student.embed_dim or ARCH_SPECS.get(student.arch, (0, 0, 0))[0]
-    num_heads = student.num_heads or ARCH_SPECS.get(student.arch, (0, 0, 1))[2]
-    _check(
-        problems,
-        embed_dim > 0 and num_heads > 0 and embed_dim % num_heads == 0,
-        f"student embed_dim={embed_dim} must be a positive multiple of num_heads={num_heads}",
-    )
     if student.depth is not None:
         _check(problems, student.depth >= 1, "student.depth must be >= 1")
-        depth = student.depth
-    else:
-        depth = ARCH_SPECS.get(student.arch, (0, 1, 0))[1]
-    if student.block_chunks > 1:
-        _check(
-            problems,
-            depth % student.block_chunks == 0,
-            f"student.block_chunks={student.block_chunks} must divide the depth ({depth})",
-        )
-
     for key in ("global_crops_size", "local_crops_size"):
         size = crops[key]
         _check(

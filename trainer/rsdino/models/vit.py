@@ -188,9 +188,17 @@ class VisionTransformer(nn.Module):
             tokens = torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
         return tokens
 
-    def forward_features(self, x: Tensor, masks: Tensor | None = None) -> dict[str, Tensor | None]:
-        """Run the backbone; split the normalised output into class, register and patch tokens."""
+    def forward_features(
+        self, x: Tensor, masks: Tensor | None = None, token_bias: Tensor | None = None
+    ) -> dict[str, Tensor | None]:
+        """Run the backbone; split the normalised output into class, register and patch tokens.
+
+        ``token_bias`` [B, D] (e.g. an acquisition-date embedding) is added to every token before
+        the blocks, so that conditioning reaches all of them without changing the weights' layout.
+        """
         tokens = self.prepare_tokens(x, masks)
+        if token_bias is not None:
+            tokens = tokens + token_bias.unsqueeze(1).to(tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens)
         normed = self.norm(tokens)
@@ -246,10 +254,14 @@ class VisionTransformer(nn.Module):
         return tuple(patch_tokens)
 
     def forward(
-        self, x: Tensor, masks: Tensor | None = None, is_training: bool = False
+        self,
+        x: Tensor,
+        masks: Tensor | None = None,
+        is_training: bool = False,
+        token_bias: Tensor | None = None,
     ) -> Tensor | dict[str, Tensor | None]:
         """Training returns the ``forward_features`` dict; otherwise the class-token embedding."""
-        features = self.forward_features(x, masks)
+        features = self.forward_features(x, masks, token_bias)
         if is_training:
             return features
         return self.head(features["x_norm_clstoken"])

@@ -14,65 +14,24 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from rsdino.data.masking import IBotMasks
-from rsdino.errors import RsdinoError
-from rsdino.models.heads import DINOHead
-from rsdino.models.pretrained import load_pretrained_backbone
-from rsdino.models.vit import VisionTransformer, build_vit
+from rsdino.models.build import build_encoder_from_config, build_head
 from rsdino.ssl.ema import update_teacher_ema
 from rsdino.ssl.losses import DinoClsLoss, IBotPatchLoss, KoLeoLoss, normalise_dino_losses
 
 N_GLOBAL_CROPS = 2
 
 
-def build_backbone(cfg: DictConfig, *, drop_path_rate: float) -> VisionTransformer:
-    """The ViT described by ``cfg.student``; ``drop_path_rate`` differs for student and teacher."""
-    s = cfg.student
-    return build_vit(
-        s.arch,
-        img_size=cfg.crops.global_crops_size,
-        patch_size=s.patch_size,
-        in_chans=s.in_chans,
-        embed_dim=s.embed_dim,
-        depth=s.depth,
-        num_heads=s.num_heads,
-        qkv_bias=s.qkv_bias,
-        ffn_bias=s.ffn_bias,
-        proj_bias=s.proj_bias,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=s.drop_path_uniform,
-        init_values=s.layerscale,
-        ffn_layer=s.ffn_layer,
-        block_chunks=s.block_chunks,
-        num_register_tokens=s.num_register_tokens,
-        interpolate_antialias=s.interpolate_antialias,
-        interpolate_offset=s.interpolate_offset,
-    )
+@dataclass
+class SSLBatch:
+    """The views of one step, crop-major (rows v*B .. (v+1)*B-1 hold view v of every sample)."""
 
-
-def _load_pretrained(backbone: VisionTransformer, student_cfg: DictConfig) -> None:
-    path = student_cfg.pretrained_weights
-    try:
-        load_pretrained_backbone(
-            backbone,
-            path,
-            patch_embed_adapt=student_cfg.pretrained_patch_embed_adapt,
-            rgb_band_indices=tuple(student_cfg.pretrained_rgb_band_indices),
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise RsdinoError(
-            f"cannot load student.pretrained_weights='{path}': {exc}. Point it at a DINOv2-format "
-            "backbone checkpoint that matches student.arch/patch_size, or set it to ''."
-        ) from exc
-
-
-def _build_head(head_cfg: DictConfig, in_dim: int) -> DINOHead:
-    return DINOHead(
-        in_dim=in_dim,
-        out_dim=head_cfg.head_n_prototypes,
-        nlayers=head_cfg.head_nlayers,
-        hidden_dim=head_cfg.head_hidden_dim,
-        bottleneck_dim=head_cfg.head_bottleneck_dim,
-    )
+    global_crops: dict[str, Tensor]  # modality -> [2B, C, G, G]
+    local_crops: dict[str, Tensor] | None  # modality -> [n_local*B, C, L, L]
+    masks: IBotMasks | None  # iBOT masks of the global crops
+    global_doy: Tensor | None = None  # [2B] day of year, when the encoder embeds time
+    local_doy: Tensor | None = None  # [n_local*B]
+    global_present: dict[str, Tensor] | None = None  # student-side modality dropout, [2B] bool
+    local_present: dict[str, Tensor] | None = None  # [n_local*B] bool
 
 
 @dataclass
@@ -93,18 +52,18 @@ class SSLMetaArch(nn.Module):
         self.ibot_weight = cfg.ibot.loss_weight
         self.ibot_separate_head = cfg.ibot.separate_head
 
-        student_backbone = build_backbone(cfg, drop_path_rate=cfg.student.drop_path_rate)
-        if cfg.student.pretrained_weights:
-            _load_pretrained(student_backbone, cfg.student)
-        embed_dim = student_backbone.embed_dim
-        student = {"backbone": student_backbone, "dino_head": _build_head(cfg.dino, embed_dim)}
+        student_encoder = build_encoder_from_config(
+            cfg, drop_path_rate=cfg.student.drop_path_rate, load_pretrained=True
+        )
+        embed_dim = student_encoder.embed_dim
+        student = {"encoder": student_encoder, "dino_head": build_head(cfg.dino, embed_dim)}
         teacher = {
-            "backbone": build_backbone(cfg, drop_path_rate=0.0),
-            "dino_head": _build_head(cfg.dino, embed_dim),
+            "encoder": build_encoder_from_config(cfg, drop_path_rate=0.0, load_pretrained=False),
+            "dino_head": build_head(cfg.dino, embed_dim),
         }
         if self.ibot_separate_head:
-            student["ibot_head"] = _build_head(cfg.ibot, embed_dim)
-            teacher["ibot_head"] = _build_head(cfg.ibot, embed_dim)
+            student["ibot_head"] = build_head(cfg.ibot, embed_dim)
+            teacher["ibot_head"] = build_head(cfg.ibot, embed_dim)
         self.student = nn.ModuleDict(student)
         self.teacher = nn.ModuleDict(teacher)
         self.teacher.load_state_dict(self.student.state_dict())
@@ -138,9 +97,10 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(
-        self, global_crops: Tensor, masks: IBotMasks | None, teacher_temp: float
+        self, batch: SSLBatch, masks: IBotMasks | None, teacher_temp: float
     ) -> TeacherTargets:
-        out = self.teacher["backbone"](global_crops, is_training=True)
+        """Targets from the teacher, which always sees every modality of both global views."""
+        out = self.teacher["encoder"](batch.global_crops, doy=batch.global_doy)
         # Each view is taught by the other one: swap the two halves of the batch.
         cls = torch.cat(out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)[::-1])
         patches = None
@@ -169,25 +129,26 @@ class SSLMetaArch(nn.Module):
         return TeacherTargets(dino=list(dino_probs.chunk(N_GLOBAL_CROPS)), ibot=ibot_probs)
 
     def compute_losses(
-        self,
-        global_crops: Tensor,
-        local_crops: Tensor | None,
-        masks: IBotMasks | None,
-        teacher_temp: float,
+        self, batch: SSLBatch, teacher_temp: float
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return the total loss (with graph) and its weighted parts (detached), which sum to it."""
+        masks = batch.masks
         if masks is not None and masks.n_masked_patches == 0:
             masks = None  # nothing masked in this batch: the iBOT term is absent, not NaN
-        targets = self.teacher_targets(global_crops, masks, teacher_temp)
+        targets = self.teacher_targets(batch, masks, teacher_temp)
 
-        student = self.student["backbone"]
-        out_global = student(
-            global_crops, masks=None if masks is None else masks.masks, is_training=True
+        encoder = self.student["encoder"]
+        out_global = encoder(
+            batch.global_crops,
+            masks=None if masks is None else masks.masks,
+            doy=batch.global_doy,
+            present=batch.global_present,
         )
         cls_global = out_global["x_norm_clstoken"]
         cls_inputs = [cls_global]
-        if self.n_local_crops > 0 and local_crops is not None:
-            cls_inputs.append(student(local_crops, is_training=True)["x_norm_clstoken"])
+        if self.n_local_crops > 0 and batch.local_crops is not None:
+            out_local = encoder(batch.local_crops, doy=batch.local_doy, present=batch.local_present)
+            cls_inputs.append(out_local["x_norm_clstoken"])
         patches = None
         if masks is not None:
             flat_patches = out_global["x_norm_patchtokens"].flatten(0, 1)

@@ -20,9 +20,11 @@ from rsdino.data.bands import BandNormalizer, band_stats
 from rsdino.data.build import build_dataset
 from rsdino.data.collate import collate_samples
 from rsdino.data.masking import IBotMasks, sample_ibot_masks
+from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
 from rsdino.errors import RsdinoError
-from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLMetaArch
+from rsdino.models.build import modalities
+from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
 from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
 from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
 from rsdino.train.checkpoint import CheckpointManager
@@ -77,7 +79,7 @@ def make_schedules(cfg: DictConfig) -> Schedules:
 def make_optimizer(cfg: DictConfig, model: SSLMetaArch) -> torch.optim.AdamW:
     groups = build_param_groups(
         model.student.named_parameters(),
-        num_layers=model.student["backbone"].n_blocks,
+        num_layers=model.student["encoder"].n_blocks,
         layerwise_decay=cfg.optim.layerwise_decay,
         patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
     )
@@ -189,7 +191,12 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model)
         self.schedules = make_schedules(cfg)
         layout = cfg.train.dataset.s2_layout
-        self.normalizer = BandNormalizer(*band_stats("s2", layout)).to(self.device)
+        self.modalities = modalities(cfg)
+        self.normalizers = {
+            name: BandNormalizer(*band_stats(name, layout)).to(self.device)
+            for name in self.modalities
+        }
+        self.uses_time = cfg.student.temporal_embedding
         self.augment = make_augment(cfg)
         self.checkpoints = CheckpointManager(self.paths.checkpoints, keep=cfg.checkpoint.keep)
         self.start_step, self.last_checkpoint = 0, None
@@ -205,20 +212,41 @@ class Trainer:
         self.start_step, self.last_checkpoint = loaded.step, loaded.path
         log.info("resumed from %s (step %d)", loaded.path, loaded.step)
 
-    def _views(self, batch: dict, step: int) -> tuple[Tensor, Tensor | None, IBotMasks | None]:
-        """Normalise, multi-crop and mask a batch with the step's own random stream."""
+    def _views(self, batch: dict, step: int) -> SSLBatch:
+        """Normalise, multi-crop, mask and drop modalities with the step's own random stream."""
+        cfg, device = self.cfg, self.device
         generator = step_generator(self.seed, step)
-        images = self.normalizer(batch["s2"].to(self.device, non_blocking=True))
-        crops = self.augment({"s2": images}, generator)
-        local_crops = crops["local_crops"]["s2"] if self.cfg.crops.local_crops_number else None
-        n_global_images = N_GLOBAL_CROPS * self.batch_size
-        masks = sample_masks(self.cfg, n_global_images, generator, self.device)
-        return crops["global_crops"]["s2"], local_crops, masks
+        images = {
+            name: normalizer(batch[name].to(device, non_blocking=True))
+            for name, normalizer in self.normalizers.items()
+        }
+        crops = self.augment(images, generator)
+        n_local = cfg.crops.local_crops_number
+        n_global_rows = N_GLOBAL_CROPS * self.batch_size
+        doy = batch["doy"].to(device, non_blocking=True) if self.uses_time else None
+
+        def presence(n_rows: int) -> dict[str, Tensor] | None:
+            present = sample_modality_presence(
+                n_rows, self.modalities, cfg.train.modality_dropout, generator
+            )
+            if present is None:
+                return None
+            return {name: rows.to(device, non_blocking=True) for name, rows in present.items()}
+
+        return SSLBatch(
+            global_crops=crops["global_crops"],
+            local_crops=crops["local_crops"] if n_local else None,
+            masks=sample_masks(cfg, n_global_rows, generator, device),
+            global_doy=None if doy is None else doy.repeat(N_GLOBAL_CROPS),
+            local_doy=None if doy is None or not n_local else doy.repeat(n_local),
+            global_present=presence(n_global_rows),
+            local_present=presence(n_local * self.batch_size) if n_local else None,
+        )
 
     def train_step(self, batch: dict, step: int) -> dict[str, Tensor]:
         """One optimisation step; returns the detached loss parts and their total."""
         torch.manual_seed(step_seed(self.seed, step))  # stochastic depth draws
-        global_crops, local_crops, masks = self._views(batch, step)
+        views = self._views(batch, step)
         schedules = self.schedules
         apply_optim_schedule(
             self.optimizer,
@@ -228,9 +256,7 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype):
-            total, parts = self.model.compute_losses(
-                global_crops, local_crops, masks, schedules.teacher_temp[step]
-            )
+            total, parts = self.model.compute_losses(views, schedules.teacher_temp[step])
         total.backward()
         _clip_gradients(self.model, self.cfg.optim.clip_grad)
         self.optimizer.step()
