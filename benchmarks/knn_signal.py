@@ -78,7 +78,7 @@ def main() -> int:
     model = SSLMetaArch(cfg)
     model.load_state_dict(torch.load(result.last_checkpoint, weights_only=True)["model"])
     pretrained_acc = knn_of(
-        model.teacher["backbone"], cfg, args.train_samples, args.test_samples, args.k
+        model.teacher["encoder"], cfg, args.train_samples, args.test_samples, args.k
     )
 
     report = {
