@@ -38,13 +38,18 @@ from rsdino.data.sources import (
     ShapeMismatchError,
     SkipBadSamples,
     SkipSample,
-    local_access,
     parse_dataset_string,
+    store_access,
 )
 from rsdino.data.sources.decode import day_of_year_in_name, fill_sar_gaps
+from rsdino.data.storage import LocalStore
 from rsdino.errors import RsdinoError
 
 LOGGER = "rsdino.data.sources.decode"
+
+
+def local_access(root: Path):
+    return store_access(LocalStore(root))
 
 
 def write_pair(root: Path, rng, roi, time, patch, s1_date="2018-01-03", s2_date="2018-01-02"):
@@ -434,20 +439,7 @@ def test_geotiff_folder_as_sentinel1(tmp_path: Path) -> None:
         GeoTiffFolderSource(*access, modality="s1", on_error="fail")[0]
 
 
-# --- storage, wrapper, dataset strings -------------------------------------------------------
-
-
-def test_local_access_lists_sorted_keys_under_a_prefix(tmp_path: Path) -> None:
-    for key in ["train/b/x.png", "train/a.png", "training.txt", "val/c.png"]:
-        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / key).write_bytes(key.encode())
-    list_keys, read_bytes = local_access(tmp_path)
-    assert list_keys("train/") == ["train/a.png", "train/b/x.png"]
-    assert list_keys("train") == ["train/a.png", "train/b/x.png", "training.txt"]
-    assert list_keys("missing/") == []
-    assert read_bytes("val/c.png") == b"val/c.png"
-    with pytest.raises(RsdinoError, match="not a directory"):
-        local_access(tmp_path / "nowhere")
+# --- wrapper, dataset strings -------------------------------------------------------
 
 
 def test_skip_wrapper_when_everything_is_bad(tmp_path: Path) -> None:

@@ -1,12 +1,10 @@
 """Real Sentinel data sources that read through two callables, so any storage can back them.
 
 Every source takes `list_keys(prefix) -> sorted keys` (relative to the dataset root) and
-`read_bytes(key) -> bytes`; `local_access` builds both for a local folder.
+`read_bytes(key) -> bytes`; `store_access` takes both from a local or S3 store.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from torch.utils.data import Dataset
 
@@ -26,6 +24,7 @@ from rsdino.data.sources.decode import (
 from rsdino.data.sources.geotiff import GeoTiffFolderSource
 from rsdino.data.sources.satlas import SatlasSource
 from rsdino.data.sources.sen12ms import Sen12MSSource
+from rsdino.data.storage import Store
 from rsdino.errors import RsdinoError
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "DataError",
     "GeoTiffFolderSource",
     "ListKeys",
-    "LocalFolder",
     "MissingPartnerError",
     "NanTileError",
     "ReadBytes",
@@ -44,41 +42,17 @@ __all__ = [
     "ShapeMismatchError",
     "SkipBadSamples",
     "SkipSample",
-    "local_access",
     "parse_dataset_string",
+    "store_access",
 ]
 
 
-class LocalFolder:
-    """`list_keys` and `read_bytes` of a local folder; keys are POSIX paths relative to `root`.
+def store_access(store: Store) -> tuple[ListKeys, ReadBytes]:
+    """The (list_keys, read_bytes) pair every source takes, from a local or S3 store.
 
-    A class rather than closures so that sources built on it pickle into DataLoader workers.
+    Bound methods of a store pickle with it, so sources built on them work in loader workers.
     """
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise RsdinoError(
-                f"dataset root {self.root} is not a directory; check the dataset path"
-            )
-
-    def list_keys(self, prefix: str) -> list[str]:
-        # Walk only the deepest folder the prefix names, then filter by the full prefix.
-        start = self.root / prefix.rpartition("/")[0]
-        if not start.is_dir():
-            return []
-        paths = (path for path in start.rglob("*") if path.is_file())
-        keys = (path.relative_to(self.root).as_posix() for path in paths)
-        return sorted(key for key in keys if key.startswith(prefix))
-
-    def read_bytes(self, key: str) -> bytes:
-        return (self.root / key).read_bytes()
-
-
-def local_access(root: Path) -> tuple[ListKeys, ReadBytes]:
-    """The (list_keys, read_bytes) pair every source takes, for a local folder."""
-    folder = LocalFolder(root)
-    return folder.list_keys, folder.read_bytes
+    return store.list, store.read
 
 
 class SkipBadSamples(Dataset):
