@@ -77,7 +77,7 @@ def test_malformed_override() -> None:
         ("train.centering=median", r"train\.centering='median'"),
         ("student.arch=vit_huge", r"student\.arch='vit_huge'"),
         ("student.in_chans=4", r"student\.in_chans=4 but .* has 13 bands"),
-        ("train.dataset.source=sen12ms", r"not supported yet"),
+        ("train.dataset.source=imagenet", r"train\.dataset\.source='imagenet' is not one of"),
         ("optim.scaling_rule=cubic", r"optim\.scaling_rule"),
         ("student.embed_dim=100", r"multiple of num_heads"),
         ("student.block_chunks=3", r"student\.block_chunks=3 must divide"),

@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rsdino.config.schema import RootConfig
 from rsdino.config.validate import validate_config
+from rsdino.data.sources.dataset_string import parse_dataset_string
 from rsdino.errors import RsdinoError
 
 
@@ -73,6 +74,17 @@ def _preset_chain(preset: str) -> list[tuple[str, Path, DictConfig]]:
     return chain[::-1]
 
 
+def _dataset_from_string(text: str) -> DictConfig:
+    """DINOv2-style ``Name:split=X:root=Y`` strings, as the research fork's configs hold."""
+    try:
+        parsed = parse_dataset_string(text)
+    except ValueError as exc:
+        raise ConfigError(f"train.dataset_path: {exc}") from exc
+    if parsed["source"] == "satlas":
+        parsed["s2_layout"] = "satlas"  # Satlas tiles only exist in their 9-band composite
+    return OmegaConf.create({"train": {"dataset": parsed}})
+
+
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         key, sep, _ = item.partition("=")
@@ -104,6 +116,8 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Dic
             cfg = _merge(cfg, layer, f"preset '{name}' ({path})")
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "command-line override")
+    if cfg.train.dataset_path:
+        cfg = _merge(cfg, _dataset_from_string(cfg.train.dataset_path), "train.dataset_path")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config keys without a value: {', '.join(missing)}")

@@ -40,6 +40,17 @@ class DatasetConfig:
     uri: str = MISSING
     split: str = MISSING
     s2_layout: str = MISSING
+    layout: str = MISSING
+    bands: list[int] = MISSING
+    on_error: str = MISSING
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = MISSING
+    region: str | None = MISSING
+    path_style: bool | None = MISSING
+    max_attempts: int = MISSING
 
 
 @dataclass
@@ -52,6 +63,8 @@ class SyntheticConfig:
 @dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataset_path: str = MISSING
+    storage: StorageConfig = field(default_factory=StorageConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     multimodal: bool = MISSING
     modality_dropout: float = MISSING

@@ -13,7 +13,9 @@ from omegaconf import DictConfig
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
 from rsdino.models.vit import ARCH_SPECS
 
-SUPPORTED_SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "sen12ms", "satlas", "geotiff")
+SEN12MS_LAYOUTS = ("tree", "pairs")
+ON_ERROR = ("skip", "fail")
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -112,16 +114,55 @@ def _validate_multimodal(problems: list[str], cfg: DictConfig) -> None:
         )
 
 
+def _validate_dataset(problems: list[str], cfg: DictConfig) -> None:
+    dataset = cfg.train.dataset
+    _choice(problems, "train.dataset.source", dataset.source, SOURCES)
+    _choice(problems, "train.dataset.on_error", dataset.on_error, ON_ERROR)
+    if dataset.source == "synthetic":
+        return
+    _check(
+        problems,
+        bool(dataset.uri),
+        f"train.dataset.source={dataset.source!r} needs train.dataset.uri (a local path or "
+        "s3://bucket/prefix)",
+    )
+    expected_layout = {"sen12ms": "sen12ms", "satlas": "satlas"}.get(dataset.source)
+    if expected_layout:
+        _check(
+            problems,
+            dataset.s2_layout == expected_layout,
+            f"train.dataset.source={dataset.source!r} stores the {expected_layout} band layout; "
+            f"set train.dataset.s2_layout={expected_layout}",
+        )
+    if dataset.source == "sen12ms":
+        _choice(problems, "train.dataset.layout", dataset.layout, SEN12MS_LAYOUTS)
+    if cfg.train.multimodal:
+        _check(
+            problems,
+            dataset.source == "sen12ms",
+            f"train.multimodal=true needs paired Sentinel-1/-2 data (source sen12ms or "
+            f"synthetic), not {dataset.source!r}",
+        )
+    _check(
+        problems,
+        all(band >= 1 for band in dataset.bands),
+        "train.dataset.bands are 1-based band indices",
+    )
+    if dataset.source == "geotiff" and dataset.bands and not cfg.train.multimodal:
+        _check(
+            problems,
+            len(dataset.bands) == cfg.student.in_chans,
+            f"train.dataset.bands selects {len(dataset.bands)} bands but student.in_chans="
+            f"{cfg.student.in_chans}",
+        )
+
+
 def validate_config(cfg: DictConfig) -> list[str]:
     """Return human-readable problems; an empty list means the config is usable."""
     problems: list[str] = []
     train, student, crops, optim = cfg.train, cfg.student, cfg.crops, cfg.optim
 
-    if train.dataset.source not in SUPPORTED_SOURCES:
-        problems.append(
-            f"train.dataset.source={train.dataset.source!r} is not supported yet; "
-            f"supported sources: {', '.join(SUPPORTED_SOURCES)}"
-        )
+    _validate_dataset(problems, cfg)
     _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
     s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"
     s2_chans = student.in_chans_s2 if train.multimodal else student.in_chans
@@ -149,8 +190,8 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _check(
         problems,
         not student.temporal_year,
-        "student.temporal_year=true is not supported by the synthetic source (its samples carry "
-        "a day of year but no year); set it to false",
+        "student.temporal_year=true is not supported yet: no source passes acquisition years to "
+        "the model; set it to false",
     )
     _check(problems, train.synthetic.num_samples > 0, "train.synthetic.num_samples must be > 0")
     _check(problems, train.synthetic.tile_size >= 8, "train.synthetic.tile_size must be >= 8")
