@@ -241,3 +241,23 @@ def test_invalid_inputs_and_settings_raise() -> None:
         MultiCropAugment(8, 4, 1, local_crops_scale=(0.1, 1.5))
     with pytest.raises(ValueError, match="strictly positive"):
         MultiCropAugment(8, 4, 1, local_crops_scale=(0.0, 0.3))
+
+
+def test_split_batch_draws_the_same_crops_as_the_whole_batch() -> None:
+    """Two processes with half a batch each produce the crops one process makes for all of it."""
+    augment = MultiCropAugment(global_crops_size=8, local_crops_size=4, local_crops_number=2)
+    images = {"s2": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+    whole = augment(images, torch.Generator().manual_seed(5))
+    halves = [
+        augment(
+            {"s2": images["s2"][start : start + 2]}, torch.Generator().manual_seed(5), (start, 4)
+        )
+        for start in (0, 2)
+    ]
+    for kind, n_views in (("global_crops", 2), ("local_crops", 2)):
+        expected = whole[kind]["s2"].view(n_views, 4, *whole[kind]["s2"].shape[1:])
+        got = torch.stack(
+            [half[kind]["s2"].view(n_views, 2, *half[kind]["s2"].shape[1:]) for half in halves],
+            dim=1,
+        ).flatten(1, 2)
+        assert torch.allclose(expected, got, atol=1e-6)

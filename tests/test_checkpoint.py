@@ -11,7 +11,12 @@ from rsdino.train.checkpoint import CheckpointError, CheckpointManager, checkpoi
 
 
 def _state(step: int) -> dict:
-    return {"step": step, "model": {"w": torch.full((3,), float(step))}, "optimizer": {}}
+    return {
+        "step": step,
+        "samples_seen": 4 * step,
+        "model": {"w": torch.full((3,), float(step))},
+        "optimizer": {},
+    }
 
 
 def test_save_keeps_newest_k(tmp_path: Path) -> None:

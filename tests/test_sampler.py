@@ -34,3 +34,34 @@ def test_bad_arguments() -> None:
         ResumableShuffleSampler(0, seed=0)
     with pytest.raises(ValueError, match="start_position"):
         ResumableShuffleSampler(5, seed=0, start_position=-1)
+
+
+def test_ranks_split_each_global_batch_and_resume_on_another_world_size() -> None:
+    """Two ranks for 3 global batches, then three ranks: together exactly the single stream."""
+    batch = 2
+    single = list(islice(iter(ResumableShuffleSampler(20, seed=4)), 30))
+    two = [
+        list(
+            islice(
+                iter(ResumableShuffleSampler(20, seed=4, batch_size=batch, rank=r, world_size=2)), 6
+            )
+        )
+        for r in range(2)
+    ]
+    first = [i for k in range(3) for r in range(2) for i in two[r][k * batch : (k + 1) * batch]]
+    assert first == single[:12]
+    three = [
+        list(
+            islice(
+                iter(
+                    ResumableShuffleSampler(
+                        20, seed=4, start_position=12, batch_size=batch, rank=r, world_size=3
+                    )
+                ),
+                batch * 3,
+            )
+        )
+        for r in range(3)
+    ]
+    second = [i for k in range(3) for r in range(3) for i in three[r][k * batch : (k + 1) * batch]]
+    assert first + second == single[:30]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,8 +91,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    is_main_process = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     logging.basicConfig(
-        level=logging.INFO,
+        level=logging.INFO if is_main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stdout,

@@ -206,11 +206,25 @@ class MultiCropAugment:
         self.blur_radius = math.ceil(3.0 * blur_sigma[1])
 
     def __call__(
-        self, images: dict[str, torch.Tensor], generator: torch.Generator
+        self,
+        images: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        rows: tuple[int, int] | None = None,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        _check_images(images)
+        """Views of the batch; ``rows=(start, total)``: it is rows start.. of a larger batch.
+
+        With ``rows``, every random draw is made for all ``total`` rows and the batch takes its
+        slice: the crops of a sample then do not depend on how a global batch is split across
+        processes (one process with 2B samples draws what two processes with B samples each do).
+        """
+        batch = _check_images(images)[0]
+        rows = rows or (0, batch)
+        if not 0 <= rows[0] <= rows[0] + batch <= rows[1]:
+            raise ValueError(f"rows {rows} do not hold a batch of {batch}")
         global_views = [
-            self._view(images, self.global_crops_size, self.global_crops_scale, prob, generator)
+            self._view(
+                images, self.global_crops_size, self.global_crops_scale, prob, generator, rows
+            )
             for prob in self.blur_prob_global
         ]
         local_views = [
@@ -220,6 +234,7 @@ class MultiCropAugment:
                 self.local_crops_scale,
                 self.blur_prob_local,
                 generator,
+                rows,
             )
             for _ in range(self.local_crops_number)
         ]
@@ -247,15 +262,19 @@ class MultiCropAugment:
         scale: tuple[float, float],
         blur_prob: float,
         generator: torch.Generator,
+        rows: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
         """One view of every sample: shared geometry, then per-modality photometry."""
         reference = next(iter(images.values()))
         batch, _, height, width = reference.shape
-        center, half_size = sample_crop_boxes(batch, height, width, scale, self.ratio, generator)
-        hflip = torch.rand(batch, generator=generator) < self.flip_prob
-        vflip = torch.rand(batch, generator=generator) < self.flip_prob
-        turns = torch.randint(0, 4 if self.rotate90 else 1, (batch,), generator=generator)
-        theta = crop_affine(center, half_size, hflip, vflip, turns).to(reference.device)
+        start, total = rows
+        mine = slice(start, start + batch)
+        center, half_size = sample_crop_boxes(total, height, width, scale, self.ratio, generator)
+        hflip = torch.rand(total, generator=generator) < self.flip_prob
+        vflip = torch.rand(total, generator=generator) < self.flip_prob
+        turns = torch.randint(0, 4 if self.rotate90 else 1, (total,), generator=generator)
+        theta = crop_affine(center[mine], half_size[mine], hflip[mine], vflip[mine], turns[mine])
+        theta = theta.to(reference.device)
         grid = F.affine_grid(theta, [batch, 1, size, size], align_corners=False)
         view = {}
         # Sorted, so the random stream does not depend on the dict's insertion order.
@@ -267,21 +286,27 @@ class MultiCropAugment:
                 padding_mode="border",
                 align_corners=False,
             )
-            view[name] = self._photometric(crops, blur_prob, generator)
+            view[name] = self._photometric(crops, blur_prob, generator, rows)
         return view
 
     def _photometric(
-        self, crops: torch.Tensor, blur_prob: float, generator: torch.Generator
+        self,
+        crops: torch.Tensor,
+        blur_prob: float,
+        generator: torch.Generator,
+        rows: tuple[int, int],
     ) -> torch.Tensor:
         """Per-band gain, contrast around each band's mean, additive brightness, optional blur."""
         batch, channels = crops.shape[:2]
+        start, total = rows
+        mine = slice(start, start + batch)
         band_gain = _uniform(
-            (batch, channels), 1.0 - self.band_jitter, 1.0 + self.band_jitter, generator
-        )
-        contrast = _uniform((batch,), 1.0 - self.contrast, 1.0 + self.contrast, generator)
-        brightness = _uniform((batch,), -self.brightness, self.brightness, generator)
-        blurred = torch.rand(batch, generator=generator) < blur_prob
-        sigma = _uniform((batch,), self.blur_sigma[0], self.blur_sigma[1], generator)
+            (total, channels), 1.0 - self.band_jitter, 1.0 + self.band_jitter, generator
+        )[mine]
+        contrast = _uniform((total,), 1.0 - self.contrast, 1.0 + self.contrast, generator)[mine]
+        brightness = _uniform((total,), -self.brightness, self.brightness, generator)[mine]
+        blurred = (torch.rand(total, generator=generator) < blur_prob)[mine]
+        sigma = _uniform((total,), self.blur_sigma[0], self.blur_sigma[1], generator)[mine]
 
         def on_device(values: torch.Tensor) -> torch.Tensor:
             return values.to(device=crops.device, dtype=crops.dtype)

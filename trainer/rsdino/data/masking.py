@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 _ATTEMPTS_PER_BLOCK = 10
 
@@ -95,6 +96,14 @@ class IBotMasks:
     masks_weight: torch.Tensor  # float [M]: 1 / (number of masked patches of that image)
     n_masked_patches: int  # M
 
+    def to(self, device: torch.device) -> IBotMasks:
+        return IBotMasks(
+            masks=self.masks.to(device, non_blocking=True),
+            mask_indices=self.mask_indices.to(device, non_blocking=True),
+            masks_weight=self.masks_weight.to(device, non_blocking=True),
+            n_masked_patches=self.n_masked_patches,
+        )
+
 
 def sample_ibot_masks(
     n_images: int,
@@ -130,7 +139,11 @@ def sample_ibot_masks(
         masks.append(block_masker(int(num_patches * ratio), generator))
     masks += [torch.zeros(grid_size, dtype=torch.bool)] * (n_images - n_masked_images)
     order = torch.randperm(n_images, generator=generator)
-    flat_masks = torch.stack(masks).flatten(1)[order]
+    return masks_from_flat(torch.stack(masks).flatten(1)[order])
+
+
+def masks_from_flat(flat_masks: Tensor) -> IBotMasks:
+    """Indices and per-patch weights of bool masks [n_images, N]."""
     mask_indices = flat_masks.flatten().nonzero().flatten()
     per_image_weight = 1.0 / flat_masks.sum(dim=1).clamp(min=1).float()
     masks_weight = per_image_weight[:, None].expand_as(flat_masks)[flat_masks]

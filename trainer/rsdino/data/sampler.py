@@ -1,7 +1,9 @@
-"""Deterministic, resumable sample order.
+"""Deterministic, resumable sample order, split across ranks by global batch.
 
-The order is a function of (seed, epoch) only and the position is a global sample index, so a
-resumed run continues with exactly the samples an uninterrupted run would have seen next.
+The order is a function of (seed, epoch) only and the position is a global sample index. From a
+start position P, global batch k holds positions [P + k*B*W, P + (k+1)*B*W) and rank r takes the
+r-th B of them, so a run resumed at the P a checkpoint recorded continues exactly there, whatever
+the world size was before and is now.
 """
 
 from __future__ import annotations
@@ -18,21 +20,50 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
-class ResumableShuffleSampler(Sampler[int]):
-    """Endless stream of dataset indices, epoch after epoch, starting at ``start_position``."""
+def global_stream(num_samples: int, seed: int, start_position: int) -> Iterator[int]:
+    """Dataset indices of the global order, epoch after epoch, from ``start_position`` on."""
+    epoch, offset = divmod(start_position, num_samples)
+    while True:
+        yield from epoch_permutation(num_samples, seed, epoch)[offset:].tolist()
+        epoch, offset = epoch + 1, 0
 
-    def __init__(self, num_samples: int, seed: int, start_position: int = 0) -> None:
+
+class ResumableShuffleSampler(Sampler[int]):
+    """Endless stream of this rank's dataset indices, starting at global ``start_position``."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        start_position: int = 0,
+        *,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if num_samples < 1:
             raise ValueError("the dataset is empty: nothing to sample")
         if start_position < 0:
             raise ValueError(f"start_position must be >= 0, got {start_position}")
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {rank}")
         self.num_samples = num_samples
         self.seed = seed
         self.start_position = start_position
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
 
     def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start_position, self.num_samples)
+        stream = global_stream(self.num_samples, self.seed, self.start_position)
+        before, after = (
+            self.rank * self.batch_size,
+            (self.world_size - self.rank - 1) * self.batch_size,
+        )
         while True:
-            order = epoch_permutation(self.num_samples, self.seed, epoch)
-            yield from order[offset:].tolist()
-            epoch, offset = epoch + 1, 0
+            for _ in range(before):
+                next(stream)
+            for _ in range(self.batch_size):
+                yield next(stream)
+            for _ in range(after):
+                next(stream)

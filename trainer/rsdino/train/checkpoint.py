@@ -22,7 +22,7 @@ from rsdino.errors import RsdinoError
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
-REQUIRED_KEYS = ("step", "model", "optimizer")
+REQUIRED_KEYS = ("step", "samples_seen", "model", "optimizer")
 
 
 class CheckpointError(RsdinoError, RuntimeError):

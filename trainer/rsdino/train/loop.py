@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -19,7 +20,7 @@ from rsdino.data.augment import MultiCropAugment
 from rsdino.data.bands import BandNormalizer, band_stats
 from rsdino.data.build import build_dataset
 from rsdino.data.collate import collate_samples
-from rsdino.data.masking import IBotMasks, sample_ibot_masks
+from rsdino.data.masking import IBotMasks, masks_from_flat, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
 from rsdino.errors import RsdinoError
@@ -27,8 +28,10 @@ from rsdino.models.build import modalities
 from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
 from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
 from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
-from rsdino.train.checkpoint import CheckpointManager
-from rsdino.train.output_dir import prepare_output_dir
+from rsdino.train.checkpoint import CheckpointManager, checkpoint_name
+from rsdino.train.dist import DistContext, init_distributed
+from rsdino.train.fsdp import full_state, load_full_state, reshard_teacher, shard_model
+from rsdino.train.output_dir import output_paths, prepare_output_dir
 from rsdino.train.progress import ProgressReporter
 from rsdino.train.runtime import (
     autocast,
@@ -57,10 +60,12 @@ def total_steps(cfg: DictConfig) -> int:
     return cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
 
 
-def make_schedules(cfg: DictConfig) -> Schedules:
+def make_schedules(cfg: DictConfig, world_size: int = 1) -> Schedules:
+    """DINOv2's schedules; the lr scaling rule sees the global batch (per-GPU batch x ranks)."""
     optim, teacher = cfg.optim, cfg.teacher
+    global_batch = cfg.train.batch_size_per_gpu * world_size
     return build_schedules(
-        lr=scaled_lr(optim.base_lr, cfg.train.batch_size_per_gpu, optim.scaling_rule),
+        lr=scaled_lr(optim.base_lr, global_batch, optim.scaling_rule),
         min_lr=optim.min_lr,
         epochs=optim.epochs,
         epoch_length=cfg.train.OFFICIAL_EPOCH_LENGTH,
@@ -107,11 +112,17 @@ def make_augment(cfg: DictConfig) -> MultiCropAugment:
     )
 
 
-def make_loader(cfg: DictConfig, start_step: int, device: torch.device) -> DataLoader:
+def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataLoader:
+    """This rank's share of each global batch, from global sample position ``start_position``."""
     dataset = build_dataset(cfg)
     batch_size = cfg.train.batch_size_per_gpu
     sampler = ResumableShuffleSampler(
-        len(dataset), seed=cfg.train.seed, start_position=start_step * batch_size
+        len(dataset),
+        seed=cfg.train.seed,
+        start_position=start_position,
+        batch_size=batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
     workers = cfg.train.num_workers
     return DataLoader(
@@ -120,32 +131,32 @@ def make_loader(cfg: DictConfig, start_step: int, device: torch.device) -> DataL
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate_samples,
-        pin_memory=device.type == "cuda",
+        pin_memory=ctx.device.type == "cuda",
         drop_last=True,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
 
 
-def sample_masks(
-    cfg: DictConfig, n_images: int, generator: torch.Generator, device: torch.device
-) -> IBotMasks | None:
+def sample_masks(cfg: DictConfig, n_images: int, generator: torch.Generator) -> IBotMasks | None:
+    """iBOT masks of a global batch's global crops (on the CPU), or None when iBOT is off."""
     if cfg.ibot.loss_weight <= 0:
         return None
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
-    masks = sample_ibot_masks(
+    return sample_ibot_masks(
         n_images,
         (grid, grid),
         tuple(cfg.ibot.mask_ratio_min_max),
         cfg.ibot.mask_sample_probability,
         generator,
     )
-    return IBotMasks(
-        masks=masks.masks.to(device, non_blocking=True),
-        mask_indices=masks.mask_indices.to(device, non_blocking=True),
-        masks_weight=masks.masks_weight.to(device, non_blocking=True),
-        n_masked_patches=masks.n_masked_patches,
-    )
+
+
+def rank_rows(n_views: int, batch_size: int, world_size: int, rank: int) -> Tensor:
+    """Rows of a crop-major global batch (view-major blocks of B*W) that belong to ``rank``."""
+    global_batch = batch_size * world_size
+    mine = torch.arange(rank * batch_size, (rank + 1) * batch_size)
+    return torch.cat([view * global_batch + mine for view in range(n_views)])
 
 
 def _clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
@@ -178,18 +189,25 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, output_dir: Path, resume: bool = True) -> None:
         self.cfg = cfg
-        self.paths = prepare_output_dir(output_dir, archive_checkpoints=not resume)
-        self.paths.config.write_text(config_to_yaml(cfg))
-        self.device = resolve_device(cfg.train.device)
+        self.ctx = init_distributed(resolve_device(cfg.train.device))
+        self.device = self.ctx.device
+        if self.ctx.is_main:
+            self.paths = prepare_output_dir(output_dir, archive_checkpoints=not resume)
+            self.paths.config.write_text(config_to_yaml(cfg))
+        barrier()  # the directory exists (and old checkpoints are set aside) for every rank
+        self.paths = output_paths(output_dir)
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         self.seed = cfg.train.seed
         self.batch_size = cfg.train.batch_size_per_gpu
+        self.global_batch_size = self.batch_size * self.ctx.world_size
         self.total_steps = total_steps(cfg)
 
-        torch.manual_seed(self.seed)  # the initial weights
+        torch.manual_seed(self.seed)  # the initial weights, identical on every rank
         self.model = SSLMetaArch(cfg).to(self.device)
+        if self.ctx.distributed:
+            shard_model(self.model, self.amp_dtype)
         self.optimizer = make_optimizer(cfg, self.model)
-        self.schedules = make_schedules(cfg)
+        self.schedules = make_schedules(cfg, self.ctx.world_size)
         layout = cfg.train.dataset.s2_layout
         self.modalities = modalities(cfg)
         self.normalizers = {
@@ -200,6 +218,7 @@ class Trainer:
         self.augment = make_augment(cfg)
         self.checkpoints = CheckpointManager(self.paths.checkpoints, keep=cfg.checkpoint.keep)
         self.start_step, self.last_checkpoint = 0, None
+        self.samples_seen = 0  # global sample position: where the data stream resumes
         if resume:
             self._restore()
 
@@ -207,9 +226,9 @@ class Trainer:
         loaded = self.checkpoints.load_latest()
         if loaded is None:
             return
-        self.model.load_state_dict(loaded.state["model"])
-        self.optimizer.load_state_dict(loaded.state["optimizer"])
+        load_full_state(self.model, self.optimizer, loaded.state)
         self.start_step, self.last_checkpoint = loaded.step, loaded.path
+        self.samples_seen = loaded.state["samples_seen"]
         log.info("resumed from %s (step %d)", loaded.path, loaded.step)
 
     def _views(self, batch: dict, step: int) -> SSLBatch:
@@ -220,27 +239,39 @@ class Trainer:
             name: normalizer(batch[name].to(device, non_blocking=True))
             for name, normalizer in self.normalizers.items()
         }
-        crops = self.augment(images, generator)
+        # Random draws are made for the whole global batch and sliced, so each sample gets the
+        # same crops, masks and dropped modalities whatever the number of ranks.
+        ctx, batch_size = self.ctx, self.batch_size
+        crops = self.augment(
+            images, generator, rows=(ctx.rank * batch_size, self.global_batch_size)
+        )
         n_local = cfg.crops.local_crops_number
-        n_global_rows = N_GLOBAL_CROPS * self.batch_size
+        global_rows = rank_rows(N_GLOBAL_CROPS, batch_size, ctx.world_size, ctx.rank)
+        local_rows = rank_rows(n_local, batch_size, ctx.world_size, ctx.rank)
+        masks = sample_masks(cfg, N_GLOBAL_CROPS * self.global_batch_size, generator)
+        if masks is not None:
+            masks = masks_from_flat(masks.masks[global_rows]).to(device)
         doy = batch["doy"].to(device, non_blocking=True) if self.uses_time else None
 
-        def presence(n_rows: int) -> dict[str, Tensor] | None:
+        def presence(n_views: int, rows: Tensor) -> dict[str, Tensor] | None:
             present = sample_modality_presence(
-                n_rows, self.modalities, cfg.train.modality_dropout, generator
+                n_views * self.global_batch_size,
+                self.modalities,
+                cfg.train.modality_dropout,
+                generator,
             )
             if present is None:
                 return None
-            return {name: rows.to(device, non_blocking=True) for name, rows in present.items()}
+            return {name: flags[rows].to(device) for name, flags in present.items()}
 
         return SSLBatch(
             global_crops=crops["global_crops"],
             local_crops=crops["local_crops"] if n_local else None,
-            masks=sample_masks(cfg, n_global_rows, generator, device),
+            masks=masks,
             global_doy=None if doy is None else doy.repeat(N_GLOBAL_CROPS),
             local_doy=None if doy is None or not n_local else doy.repeat(n_local),
-            global_present=presence(n_global_rows),
-            local_present=presence(n_local * self.batch_size) if n_local else None,
+            global_present=presence(N_GLOBAL_CROPS, global_rows),
+            local_present=presence(n_local, local_rows) if n_local else None,
         )
 
     def train_step(self, batch: dict, step: int) -> dict[str, Tensor]:
@@ -260,20 +291,26 @@ class Trainer:
         total.backward()
         _clip_gradients(self.model, self.cfg.optim.clip_grad)
         self.optimizer.step()
+        if self.ctx.distributed:
+            reshard_teacher(self.model)
         self.model.update_teacher(schedules.momentum[step])
         return {**parts, "total": total.detach()}
 
     def save(self, step: int) -> Path:
+        """Gather the full state (every rank takes part) and write it from rank 0."""
         started = time.perf_counter()
-        state = {
-            "step": step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "config": config_to_yaml(self.cfg),
-            "rsdino_version": __version__,
-        }
-        path = self.checkpoints.save(step, state)
-        log.info("saved checkpoint %s in %.2fs", path, time.perf_counter() - started)
+        state = full_state(self.model, self.optimizer)
+        path = self.paths.checkpoints / checkpoint_name(step)
+        if self.ctx.is_main:
+            state.update(
+                step=step,
+                samples_seen=self.samples_seen,
+                config=config_to_yaml(self.cfg),
+                rsdino_version=__version__,
+            )
+            path = self.checkpoints.save(step, state)
+            log.info("saved checkpoint %s in %.2fs", path, time.perf_counter() - started)
+        barrier()  # no rank moves on before the checkpoint is complete
         return path
 
     def _scalars(self, step: int) -> dict[str, float]:
@@ -293,11 +330,12 @@ class Trainer:
             last_checkpoint=self.last_checkpoint,
         )
         log.info(
-            "training %s/%d on %s (%s) for %d steps, batch %d, output %s",
+            "training %s/%d on %s (%s) x %d ranks for %d steps, batch %d per rank, output %s",
             cfg.student.arch,
             cfg.student.patch_size,
             self.device,
             "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
+            self.ctx.world_size,
             steps,
             self.batch_size,
             self.paths.root,
@@ -307,22 +345,25 @@ class Trainer:
             return result
 
         self.model.train()
-        reporter = ProgressReporter(self.paths.train_log, steps, self.batch_size)
+        reporter = ProgressReporter(self.paths.train_log, steps, self.global_batch_size)
         reporter.start(self.start_step)
-        batches = iter(make_loader(cfg, self.start_step, self.device))
+        batches = iter(make_loader(cfg, self.samples_seen, self.ctx))
         window_start, running = self.start_step, {}
         try:
             for step in range(self.start_step, steps):
                 for name, value in self.train_step(next(batches), step).items():
                     running[name] = running.get(name, 0.0) + value
+                self.samples_seen += self.global_batch_size
                 done = step + 1
                 is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
                 if is_ckpt_step or done % cfg.train.log_every_steps == 0:
-                    # The only host sync of the loop: averages over the interval since the last.
-                    losses = {k: float(v) / (done - window_start) for k, v in running.items()}
+                    # The only host sync of the loop: averages over the interval and the ranks.
+                    losses = mean_over_ranks(running, done - window_start)
                     _check_finite(losses, window_start + 1, done, self.last_checkpoint)
                     window_start, running = done, {}
-                    result.history.append(reporter.report(done, losses, self._scalars(step)))
+                    if self.ctx.is_main:
+                        record = reporter.report(done, losses, self._scalars(step))
+                        result.history.append(record)
                 if is_ckpt_step:
                     self.last_checkpoint = self.save(done)
                 result.final_step = done
@@ -330,6 +371,21 @@ class Trainer:
             del batches  # stops the loader's worker processes
         result.last_checkpoint = self.last_checkpoint
         return result
+
+
+def mean_over_ranks(running: dict[str, Tensor], n_steps: int) -> dict[str, float]:
+    """Interval means of the loss parts, averaged over ranks (one small all-reduce)."""
+    names = sorted(running)
+    values = torch.stack([running[name] for name in names]).float() / n_steps
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(names, values.tolist(), strict=True))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def train(cfg: DictConfig, output_dir: Path, resume: bool = True) -> TrainResult:

@@ -25,6 +25,16 @@ class OutputPaths:
     train_log: Path
 
 
+def output_paths(root: Path) -> OutputPaths:
+    """Where a run directory keeps each thing (no file system access)."""
+    return OutputPaths(
+        root=root,
+        config=root / "config.yaml",
+        checkpoints=root / "checkpoints",
+        train_log=root / "train_log.jsonl",
+    )
+
+
 def prepare_output_dir(root: Path, archive_checkpoints: bool = False) -> OutputPaths:
     """Create the run directory; with ``archive_checkpoints`` set aside existing checkpoints.
 
@@ -42,12 +52,7 @@ def prepare_output_dir(root: Path, archive_checkpoints: bool = False) -> OutputP
         raise OutputDirError(f"cannot create output directory '{root}': {exc.strerror}") from exc
     if not os.access(root, os.W_OK | os.X_OK):
         raise OutputDirError(f"output directory '{root}' is not writable by this user")
-    paths = OutputPaths(
-        root=root,
-        config=root / "config.yaml",
-        checkpoints=root / "checkpoints",
-        train_log=root / "train_log.jsonl",
-    )
+    paths = output_paths(root)
     if archive_checkpoints and paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir()):
         archive = root / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
         paths.checkpoints.rename(archive)

@@ -1,0 +1,88 @@
+"""Process group setup for torchrun (single or multi node, elastic), Slurm ``srun`` or one process.
+
+torchrun and the Kubeflow training operator export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR; under
+Slurm without torchrun the SLURM_* variables are translated. One process needs no group at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rsdino.errors import RsdinoError
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else int(value)
+
+
+def _slurm_to_torch_env() -> None:
+    """Map ``srun``'s variables onto the ones torch reads, when torchrun did not set them."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        raise RsdinoError(
+            "running under srun without torchrun: export MASTER_ADDR (the first node's host name) "
+            "and MASTER_PORT in the sbatch script, see scripts/slurm/"
+        )
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed(
+    device: torch.device, timeout: datetime.timedelta = DEFAULT_TIMEOUT
+) -> DistContext:
+    """Join the process group described by the environment (or stay alone) on ``device``'s type."""
+    _slurm_to_torch_env()
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(
+                backend=backend,
+                timeout=timeout,
+                device_id=device if device.type == "cuda" else None,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise RsdinoError(
+                f"rank {rank} of {world_size} could not join the process group at "
+                f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} "
+                f"({backend}): {exc}. Check that every node can reach that address and that all "
+                "ranks were started."
+            ) from exc
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
