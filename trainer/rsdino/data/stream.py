@@ -1,0 +1,221 @@
+"""Training batches from packed shards, in an order that does not depend on the world size.
+
+The canonical stream: epoch e visits every chunk of the dataset once, in a permutation drawn from
+(seed, e), and the samples inside chunk c in a permutation drawn from (seed, e, c). Epochs follow
+each other endlessly; a sample's "global position" is its index in that stream.
+
+Ranks split the stream by position, never by file: global batch i of a job that started at
+position P covers [P + i*B*W, P + (i+1)*B*W) for per-rank batch B and world size W, and rank r takes
+the B positions from P + i*B*W + r*B. Together the ranks read every position exactly once, so a job
+resumed at the saved position, on any world size, continues with exactly the samples an
+uninterrupted job would have seen next.
+
+Reads: each rank (and each DataLoader worker of a rank) reads only the chunks its own positions
+fall in, each with one range request, and keeps the current chunk so a chunk spanning two of its
+batches is read once. A chunk that straddles the spans of two ranks is read by both, so at worst
+every chunk is read twice per epoch; when B is a multiple of samples_per_chunk and the start
+position is aligned to chunks, no chunk straddles and every chunk is read once per epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from rsdino.data.collate import collate_samples
+from rsdino.data.shards import (
+    decode_chunk,
+    location,
+    read_manifest,
+    read_shard_indexes,
+    sha256_hex,
+)
+from rsdino.data.storage import Store
+from rsdino.errors import RsdinoError
+
+# Separate random streams for the order of chunks and the order of samples inside a chunk.
+_CHUNK_ORDER_STREAM = 0
+_SAMPLE_ORDER_STREAM = 1
+# (chunk id, index of the sample inside the chunk), for each sample of a per-rank batch.
+Plan = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class _ChunkRef:
+    """Where one chunk lives and how to decode it."""
+
+    shard: str
+    data_key: str
+    meta: dict[str, Any]
+
+    @property
+    def size(self) -> int:
+        return len(self.meta["samples"])
+
+
+def _without_repeats(chunk_ids: Iterator[int]) -> Iterator[int]:
+    """Drop consecutive duplicates: a chunk needed by consecutive picks is read once."""
+    return (chunk_id for chunk_id, _ in itertools.groupby(chunk_ids))
+
+
+class ShardStream(IterableDataset):
+    """Endless collated per-rank batches from a packed dataset, resumable at any global position.
+
+    ``start_position`` is a global sample position; a job saves ``position_after(steps)`` and a
+    resumed job passes it back, whatever the new world size. ``modalities`` limits which of the
+    packed modalities are decoded (default: all). ``read_ahead`` chunks are read and decoded in
+    background threads while the current ones are being used. Use it with
+    ``DataLoader(stream, batch_size=None, num_workers=n)``: worker w of n produces this stream's
+    batches w, w + n, ..., which the DataLoader's round robin over workers puts back in order.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_position: int = 0,
+        modalities: Collection[str] | None = None,
+        read_ahead: int = 4,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if start_position < 0:
+            raise ValueError(f"start_position must be >= 0, got {start_position}")
+        if read_ahead < 1:
+            raise ValueError(f"read_ahead must be >= 1, got {read_ahead}")
+        self.store = store
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_position = start_position
+        self.read_ahead = read_ahead
+        self.manifest = read_manifest(store)
+        self.modalities = self._check_modalities(modalities)
+        packed_modalities = set(self.manifest["modalities"])
+        self._arrays = set(self.manifest["arrays"]) - (packed_modalities - set(self.modalities))
+        self._chunks = self._chunk_table(read_shard_indexes(store, self.manifest))
+        self._chunk_sizes = np.array([chunk.size for chunk in self._chunks], dtype=np.int64)
+        self.samples_per_epoch = int(self._chunk_sizes.sum())
+        if self.samples_per_epoch == 0:
+            raise RsdinoError(f"the packed dataset at {store.uri} holds no samples; repack it")
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _check_modalities(self, modalities: Collection[str] | None) -> list[str]:
+        packed = self.manifest["modalities"]
+        if modalities is None:
+            return list(packed)
+        missing = sorted(set(modalities) - set(packed))
+        if missing:
+            raise RsdinoError(
+                f"the packed dataset at {self.store.uri} has modalities {packed}, not {missing}; "
+                "pack a source that has them, or train without them"
+            )
+        return sorted(modalities)
+
+    def _chunk_table(self, indexes: list[dict[str, Any]]) -> list[_ChunkRef]:
+        chunks = []
+        for entry, index in zip(self.manifest["shards"], indexes, strict=True):
+            if index["samples"] != entry["samples"] or index["sha256"] != entry["sha256"]:
+                raise RsdinoError(
+                    f"{location(self.store, entry['index'])} does not match {entry['name']} in "
+                    "the manifest; run `rsdino data pack SRC DST` again to repair the dataset"
+                )
+            chunks.extend(_ChunkRef(entry["name"], entry["data"], meta) for meta in index["chunks"])
+        return chunks
+
+    def position_after(self, batches: int) -> int:
+        """The global position after every rank has taken ``batches`` batches from this stream.
+
+        For a job that started at position 0 on one world size this is step * B * W; after a
+        resume on another world size, save this value rather than recomputing step * B * W.
+        """
+        return self.start_position + batches * self.batch_size * self.world_size
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch ``epoch``'s chunk order and the position (within the epoch) where each ends."""
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, _CHUNK_ORDER_STREAM])
+            order = rng.permutation(len(self._chunks))
+            self._epoch_cache = (epoch, order, np.cumsum(self._chunk_sizes[order]))
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def _sample_order(self, epoch: int, chunk_id: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, _SAMPLE_ORDER_STREAM, chunk_id])
+        return rng.permutation(int(self._chunk_sizes[chunk_id]))
+
+    def _batch_plan(self, batch: int) -> Plan:
+        """The samples of this rank's part of global batch ``batch`` (counted from the start)."""
+        position = self.position_after(batch) + self.rank * self.batch_size
+        plan: Plan = []
+        while len(plan) < self.batch_size:
+            epoch, offset = divmod(position, self.samples_per_epoch)
+            order, ends = self._epoch_layout(epoch)
+            slot = int(np.searchsorted(ends, offset, side="right"))
+            chunk_id = int(order[slot])
+            first = offset - int(ends[slot] - self._chunk_sizes[chunk_id])
+            count = min(self.batch_size - len(plan), int(ends[slot]) - offset)
+            picked = self._sample_order(epoch, chunk_id)[first : first + count]
+            plan.extend((chunk_id, int(record)) for record in picked)
+            position += count
+        return plan
+
+    def _load_chunk(self, chunk_id: int) -> list[dict[str, Any]]:
+        """One range read, checked against the chunk's sha256 (once more on a mismatch), decoded."""
+        chunk = self._chunks[chunk_id]
+        start = chunk.meta["offset"]
+        for _ in range(2):
+            data = self.store.read(chunk.data_key, start, start + chunk.meta["nbytes"])
+            if sha256_hex(data) == chunk.meta["sha256"]:
+                return decode_chunk(data, chunk.meta, self._arrays)
+        raise RsdinoError(
+            f"shard {chunk.shard} ({location(self.store, chunk.data_key)}) is damaged: bytes "
+            f"[{start}, {start + chunk.meta['nbytes']}) fail their sha256 check twice; run "
+            "`rsdino data pack SRC DST` again to repair it"
+        )
+
+    def _loaded_chunks(self, chunk_ids: Iterator[int]) -> Iterator[list[dict[str, Any]]]:
+        """The decoded chunks of the endless ``chunk_ids``, ``read_ahead`` of them in flight."""
+        pending: deque[Future[list[dict[str, Any]]]] = deque()
+        pool = ThreadPoolExecutor(self.read_ahead, thread_name_prefix="rsdino-shards")
+        try:
+            for chunk_id in chunk_ids:
+                pending.append(pool.submit(self._load_chunk, chunk_id))
+                if len(pending) > self.read_ahead:
+                    yield pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        plans = map(self._batch_plan, itertools.count(worker_id, num_workers))
+        plans_to_serve, plans_to_read = itertools.tee(plans)
+        chunk_ids = _without_repeats(chunk_id for plan in plans_to_read for chunk_id, _ in plan)
+        loaded = self._loaded_chunks(chunk_ids)
+        current_id, current = -1, []
+        try:
+            for plan in plans_to_serve:
+                samples = []
+                for chunk_id, record in plan:
+                    if chunk_id != current_id:
+                        current_id, current = chunk_id, next(loaded)
+                    samples.append(current[record])
+                yield collate_samples(samples)
+        finally:
+            loaded.close()
