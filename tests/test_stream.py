@@ -152,10 +152,11 @@ def test_each_chunk_is_read_once_with_one_range_request(packed: Path) -> None:
     batches.close()
     assert sorted(keys) == ALL_KEYS
     reads = Counter(store.ranges)
-    # Batches of 5 straddle chunks of 4, yet each chunk is read once; read-ahead may have
-    # fetched the first chunk of the next epoch too.
+    # Batches of 5 straddle chunks of 4, yet each chunk is read once per epoch; the read-ahead
+    # (4 batches = 20 samples) may already have fetched up to 6 chunks of the next epoch.
     assert set(reads) == set(chunk_ranges(packed).values())
-    assert sorted(reads.values()) in ([1] * 13, [1] * 12 + [2])
+    assert max(reads.values()) <= 2
+    assert sum(reads.values()) <= 13 + 6
 
 
 def test_a_damaged_chunk_is_retried_once_then_named(packed: Path, tmp_path: Path) -> None:
