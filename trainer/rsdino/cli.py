@@ -68,12 +68,16 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved config and exit without training",
     )
+    train.set_defaults(handler=_run_train)
     train.add_argument(
         "overrides",
         nargs="*",
         metavar="key=value",
         help="config overrides by dotted path, e.g. optim.base_lr=0.001 crops.local_crops_number=4",
     )
+    from rsdino.data.commands import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
@@ -99,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stdout,
     )
     try:
-        return _run_train(args)
+        return args.handler(args)
     except ConfigError as exc:
         print(f"rsdino: config error: {exc}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ class DatasetConfig:
     layout: str = MISSING
     bands: list[int] = MISSING
     on_error: str = MISSING
+    stats: str = MISSING
 
 
 @dataclass

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
 from rsdino.models.vit import ARCH_SPECS
 
-SOURCES = ("synthetic", "sen12ms", "satlas", "geotiff")
+SOURCES = ("synthetic", "sen12ms", "satlas", "geotiff", "shards")
 SEN12MS_LAYOUTS = ("tree", "pairs")
 ON_ERROR = ("skip", "fail")
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
@@ -139,8 +139,8 @@ def _validate_dataset(problems: list[str], cfg: DictConfig) -> None:
     if cfg.train.multimodal:
         _check(
             problems,
-            dataset.source == "sen12ms",
-            f"train.multimodal=true needs paired Sentinel-1/-2 data (source sen12ms or "
+            dataset.source in ("sen12ms", "shards"),
+            f"train.multimodal=true needs paired Sentinel-1/-2 data (source sen12ms, shards or "
             f"synthetic), not {dataset.source!r}",
         )
     _check(

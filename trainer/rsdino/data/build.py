@@ -1,26 +1,95 @@
-"""Turn ``train.dataset`` into a dataset object."""
+"""Turn ``train.dataset`` (or the equivalent command-line options) into datasets and stores."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from rsdino.data.sources import (
     GeoTiffFolderSource,
-    ListKeys,
-    ReadBytes,
     SatlasSource,
     Sen12MSSource,
     SkipBadSamples,
     store_access,
 )
-from rsdino.data.storage import open_store
+from rsdino.data.storage import Store, open_store
 from rsdino.data.synthetic import SyntheticLandCover
 from rsdino.errors import RsdinoError
 
+SAMPLE_SOURCES = ("sen12ms", "satlas", "geotiff")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a sample source lives and how to read it (``train.dataset`` without training keys)."""
+
+    source: str
+    uri: str
+    split: str = "train"
+    layout: str = "tree"
+    bands: list[int] = field(default_factory=list)
+    on_error: str = "skip"
+    multimodal: bool = True
+    storage: dict = field(default_factory=dict)  # endpoint_url, region, path_style, max_attempts
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> SourceSpec:
+        dataset, storage = cfg.train.dataset, cfg.train.storage
+        return cls(
+            source=dataset.source,
+            uri=dataset.uri,
+            split=dataset.split,
+            layout=dataset.layout,
+            bands=list(dataset.bands),
+            on_error=dataset.on_error,
+            multimodal=cfg.train.multimodal,
+            storage={
+                "endpoint_url": storage.endpoint_url,
+                "region": storage.region,
+                "path_style": storage.path_style,
+                "max_attempts": storage.max_attempts,
+            },
+        )
+
+    def open_store(self) -> Store:
+        return open_store(self.uri, **self.storage)
+
+
+def open_source(spec: SourceSpec) -> Dataset:
+    """The raw sample source (bad samples raise ``SkipSample`` under the skip policy)."""
+    if spec.source not in SAMPLE_SOURCES:
+        raise RsdinoError(f"source {spec.source!r} is not one of {', '.join(SAMPLE_SOURCES)}")
+    list_keys, read_bytes = store_access(spec.open_store())
+    try:
+        if spec.source == "sen12ms":
+            source = Sen12MSSource(
+                list_keys,
+                read_bytes,
+                split=spec.split,
+                layout=spec.layout,
+                multimodal=spec.multimodal,
+                on_error=spec.on_error,
+            )
+        elif spec.source == "satlas":
+            source = SatlasSource(list_keys, read_bytes, split=spec.split, on_error=spec.on_error)
+        else:
+            source = GeoTiffFolderSource(
+                list_keys, read_bytes, bands=spec.bands or None, on_error=spec.on_error
+            )
+    except ValueError as exc:
+        raise RsdinoError(f"{spec.source} dataset at {spec.uri}: {exc}") from exc
+    if len(source) == 0:
+        raise RsdinoError(
+            f"no {spec.source} samples found at {spec.uri} (split {spec.split!r}); "
+            "check the uri, split and layout"
+        )
+    return source
+
 
 def build_dataset(cfg: DictConfig) -> Dataset:
-    """The configured source; with ``on_error=skip`` bad tiles are replaced, counted and logged."""
+    """The map-style training dataset; with ``on_error=skip`` bad tiles are replaced and counted."""
     dataset = cfg.train.dataset
     if dataset.source == "synthetic":
         synthetic = cfg.train.synthetic
@@ -31,42 +100,5 @@ def build_dataset(cfg: DictConfig) -> Dataset:
             s2_layout=dataset.s2_layout,
             seed=cfg.train.seed,
         )
-    storage = cfg.train.storage
-    store = open_store(
-        dataset.uri,
-        endpoint_url=storage.endpoint_url,
-        region=storage.region,
-        path_style=storage.path_style,
-        max_attempts=storage.max_attempts,
-    )
-    try:
-        source = _open_source(dataset, cfg.train.multimodal, *store_access(store))
-    except ValueError as exc:
-        raise RsdinoError(f"train.dataset ({dataset.source} at {dataset.uri}): {exc}") from exc
-    if len(source) == 0:
-        raise RsdinoError(
-            f"no {dataset.source} samples found at {dataset.uri} (split {dataset.split!r}); "
-            "check train.dataset.uri, split and layout"
-        )
+    source = open_source(SourceSpec.from_config(cfg))
     return SkipBadSamples(source) if dataset.on_error == "skip" else source
-
-
-def _open_source(
-    dataset: DictConfig, multimodal: bool, list_keys: ListKeys, read_bytes: ReadBytes
-) -> Dataset:
-    if dataset.source == "sen12ms":
-        return Sen12MSSource(
-            list_keys,
-            read_bytes,
-            split=dataset.split,
-            layout=dataset.layout,
-            multimodal=multimodal,
-            on_error=dataset.on_error,
-        )
-    elif dataset.source == "satlas":
-        return SatlasSource(list_keys, read_bytes, split=dataset.split, on_error=dataset.on_error)
-    elif dataset.source == "geotiff":
-        return GeoTiffFolderSource(
-            list_keys, read_bytes, bands=list(dataset.bands) or None, on_error=dataset.on_error
-        )
-    raise ValueError(f"train.dataset.source={dataset.source!r} has no builder")

@@ -17,12 +17,14 @@ from torch.utils.data import DataLoader
 from rsdino import __version__
 from rsdino.config.loader import config_to_yaml
 from rsdino.data.augment import MultiCropAugment
-from rsdino.data.bands import BandNormalizer, band_stats
-from rsdino.data.build import build_dataset
+from rsdino.data.bands import S2_LAYOUTS, BandNormalizer
+from rsdino.data.build import SourceSpec, build_dataset
 from rsdino.data.collate import collate_samples
 from rsdino.data.masking import IBotMasks, masks_from_flat, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
+from rsdino.data.stats import normalizer_stats
+from rsdino.data.stream import ShardStream
 from rsdino.errors import RsdinoError
 from rsdino.models.build import modalities
 from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
@@ -114,8 +116,17 @@ def make_augment(cfg: DictConfig) -> MultiCropAugment:
 
 def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataLoader:
     """This rank's share of each global batch, from global sample position ``start_position``."""
+    batch_size, workers = cfg.train.batch_size_per_gpu, cfg.train.num_workers
+    loader_options = {
+        "num_workers": workers,
+        "pin_memory": ctx.device.type == "cuda",
+        "persistent_workers": workers > 0,
+        "prefetch_factor": 4 if workers > 0 else None,
+    }
+    if cfg.train.dataset.source == "shards":
+        stream = open_shard_stream(cfg, start_position, ctx)
+        return DataLoader(stream, batch_size=None, **loader_options)
     dataset = build_dataset(cfg)
-    batch_size = cfg.train.batch_size_per_gpu
     sampler = ResumableShuffleSampler(
         len(dataset),
         seed=cfg.train.seed,
@@ -124,18 +135,35 @@ def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataL
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
-    workers = cfg.train.num_workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=workers,
         collate_fn=collate_samples,
-        pin_memory=ctx.device.type == "cuda",
         drop_last=True,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        **loader_options,
     )
+
+
+def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) -> ShardStream:
+    """Packed shards (``rsdino data pack``), checked against the configured band layout."""
+    stream = ShardStream(
+        SourceSpec.from_config(cfg).open_store(),
+        batch_size=cfg.train.batch_size_per_gpu,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.train.seed,
+        start_position=start_position,
+        modalities=modalities(cfg),
+    )
+    layout = cfg.train.dataset.s2_layout
+    packed_bands = stream.manifest.get("band_layout", {}).get("s2")
+    if packed_bands is not None and list(packed_bands) != list(S2_LAYOUTS[layout]):
+        raise RsdinoError(
+            f"the shards at {cfg.train.dataset.uri} hold S2 bands {packed_bands}, not the "
+            f"{layout} layout; set train.dataset.s2_layout to match"
+        )
+    return stream
 
 
 def sample_masks(cfg: DictConfig, n_images: int, generator: torch.Generator) -> IBotMasks | None:
@@ -210,8 +238,9 @@ class Trainer:
         self.schedules = make_schedules(cfg, self.ctx.world_size)
         layout = cfg.train.dataset.s2_layout
         self.modalities = modalities(cfg)
+        stats_file = cfg.train.dataset.stats or None
         self.normalizers = {
-            name: BandNormalizer(*band_stats(name, layout)).to(self.device)
+            name: BandNormalizer(*normalizer_stats(stats_file, name, layout)).to(self.device)
             for name in self.modalities
         }
         self.uses_time = cfg.student.temporal_embedding
