@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 
 from rsdino.train.checkpoint import checkpoint_name
 
@@ -62,29 +63,8 @@ name = f"{{Path(sys.argv[0]).name}}.{{os.environ['SLURM_PROCID']}}.json"
 Path(os.environ["RECORD_DIR"], name).write_text(json.dumps(record))
 """
 
-TINY_RUN = [
-    "--config",
-    "quickstart",
-    "train.device=cpu",
-    "train.num_workers=0",
-    "train.batch_size_per_gpu=4",
-    "train.OFFICIAL_EPOCH_LENGTH=3",
-    "train.log_every_steps=1",
-    "train.synthetic.num_samples=64",
-    "train.synthetic.tile_size=32",
-    "optim.epochs=1",
-    "optim.warmup_epochs=1",
-    "checkpoint.every_steps=3",
-    "student.embed_dim=32",
-    "student.depth=2",
-    "student.num_heads=2",
-    "crops.global_crops_size=32",
-    "crops.local_crops_size=16",
-    "crops.local_crops_number=2",
-    "dino.head_n_prototypes=64",
-    "dino.head_hidden_dim=32",
-    "dino.head_bottleneck_dim=16",
-]
+# The shared tiny run, one epoch of 3 steps with a checkpoint at the end (later keys win).
+TINY_RUN = ["--config", "quickstart", *TINY_OVERRIDES, "optim.epochs=1", "checkpoint.every_steps=3"]
 
 
 def write_executable(path: Path, text: str) -> None:
