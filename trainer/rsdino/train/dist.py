@@ -54,6 +54,32 @@ def _slurm_to_torch_env() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
+def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The TCP store of this attempt, under a prefix unique to the torchrun restart count.
+
+    torchrun keeps one store across restarts of the worker group; without a fresh prefix the
+    restarted ranks can read the dead attempt's gloo addresses and fail to connect.
+    """
+    host = os.environ.get("MASTER_ADDR")
+    port = os.environ.get("MASTER_PORT")
+    if not host or not port:
+        raise RsdinoError(
+            f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with "
+            "torchrun, srun (scripts/slurm) or export them"
+        )
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host,
+        int(port),
+        world_size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"rsdino/attempt_{attempt}", store)
+
+
 def init_distributed(
     device: torch.device, timeout: datetime.timedelta = DEFAULT_TIMEOUT
 ) -> DistContext:
@@ -70,6 +96,9 @@ def init_distributed(
         try:
             dist.init_process_group(
                 backend=backend,
+                store=_rendezvous_store(rank, world_size, timeout),
+                rank=rank,
+                world_size=world_size,
                 timeout=timeout,
                 device_id=device if device.type == "cuda" else None,
             )
