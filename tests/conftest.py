@@ -28,6 +28,7 @@ TINY_OVERRIDES = [
     "dino.head_n_prototypes=64",
     "dino.head_hidden_dim=32",
     "dino.head_bottleneck_dim=16",
+    "metrics.enabled=false",  # tests that need the exporter turn it on with their own port
 ]
 
 

@@ -172,6 +172,15 @@ class AugmentConfig:
 
 
 @dataclass
+class MetricsConfig:
+    enabled: bool = MISSING
+    host: str = MISSING
+    port: int = MISSING
+    job: str = MISSING
+    peak_flops_per_device: float = MISSING
+
+
+@dataclass
 class RootConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IBotConfig = field(default_factory=IBotConfig)
@@ -182,3 +191,4 @@ class RootConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

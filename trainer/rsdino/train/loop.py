@@ -33,6 +33,7 @@ from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
 from rsdino.train.checkpoint import CheckpointManager, checkpoint_name
 from rsdino.train.dist import DistContext, init_distributed
 from rsdino.train.fsdp import full_state, load_full_state, reshard_teacher, shard_model
+from rsdino.train.metrics import start_metrics
 from rsdino.train.output_dir import output_paths, prepare_output_dir
 from rsdino.train.progress import ProgressReporter
 from rsdino.train.runtime import (
@@ -376,28 +377,45 @@ class Trainer:
         self.model.train()
         reporter = ProgressReporter(self.paths.train_log, steps, self.global_batch_size)
         reporter.start(self.start_step)
-        batches = iter(make_loader(cfg, self.samples_seen, self.ctx))
+        metrics = start_metrics(
+            cfg, self.ctx, preset=f"{cfg.student.arch}/{cfg.student.patch_size}"
+        )
+        batches = None
         window_start, running = self.start_step, {}
         try:
+            metrics.set_resumed_from(self.start_step)
+            loader = make_loader(cfg, self.samples_seen, self.ctx)
+            batches = iter(loader)
+            metrics.watch_data(loader.dataset)
             for step in range(self.start_step, steps):
-                for name, value in self.train_step(next(batches), step).items():
+                started = time.perf_counter()
+                batch = next(batches)
+                data_wait = time.perf_counter() - started
+                for name, value in self.train_step(batch, step).items():
                     running[name] = running.get(name, 0.0) + value
                 self.samples_seen += self.global_batch_size
                 done = step + 1
+                metrics.observe_step(
+                    done, self.batch_size, data_wait, time.perf_counter() - started
+                )
                 is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
                 if is_ckpt_step or done % cfg.train.log_every_steps == 0:
                     # The only host sync of the loop: averages over the interval and the ranks.
                     losses = mean_over_ranks(running, done - window_start)
+                    metrics.observe_interval(losses, self._scalars(step))
                     _check_finite(losses, window_start + 1, done, self.last_checkpoint)
                     window_start, running = done, {}
                     if self.ctx.is_main:
                         record = reporter.report(done, losses, self._scalars(step))
                         result.history.append(record)
                 if is_ckpt_step:
+                    started = time.perf_counter()
                     self.last_checkpoint = self.save(done)
+                    metrics.observe_checkpoint(done, time.perf_counter() - started)
                 result.final_step = done
         finally:
             del batches  # stops the loader's worker processes
+            metrics.close()
         result.last_checkpoint = self.last_checkpoint
         return result
 

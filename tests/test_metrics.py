@@ -1,0 +1,220 @@
+"""The Prometheus exporter: families and labels over HTTP, errors, no-op mode, FLOPs estimate."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+import torch
+from conftest import tiny_config
+from prometheus_client.parser import text_string_to_metric_families
+from torch.utils.flop_counter import FlopCounterMode
+
+from rsdino.errors import RsdinoError
+from rsdino.models.vit import VisionTransformer
+from rsdino.train.dist import DistContext
+from rsdino.train.metrics import (
+    DATA_ERROR_KINDS,
+    DisabledMetrics,
+    TrainingMetrics,
+    estimate_step_cost,
+    head_flops_per_token,
+    start_metrics,
+    vit_forward_flops,
+)
+
+CPU = torch.device("cpu")
+SCHEDULE = {"lr": 1e-3, "wd": 0.04, "momentum": 0.992, "teacher_temp": 0.04}
+LOSSES = {"dino_global": 1.5, "dino_local": 2.5, "ibot": 0.5, "koleo": -0.25, "total": 4.25}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def enabled_config(port: int, *extra: str):
+    return tiny_config(
+        "metrics.enabled=true", "metrics.host=127.0.0.1", f"metrics.port={port}", *extra
+    )
+
+
+def scrape(url: str) -> dict[str, list]:
+    """Samples by sample name (``rsdino_loss``, ``rsdino_steps_total``, ``..._bucket``)."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value(samples: dict[str, list], name: str, **labels: str) -> float:
+    matches = [s for s in samples[name] if labels.items() <= s.labels.items()]
+    assert len(matches) == 1, (name, labels, matches)
+    return matches[0].value
+
+
+@pytest.fixture
+def exporter():
+    port = free_port() - 1  # local rank 1 serves base + 1
+    cfg = enabled_config(port, "metrics.job=unit", "metrics.peak_flops_per_device=1e9")
+    ctx = DistContext(rank=3, local_rank=1, world_size=4, device=CPU)
+    metrics = start_metrics(cfg, ctx, preset="vit_small/16")
+    yield cfg, metrics
+    metrics.close()
+
+
+def test_exporter_serves_every_family_with_rank_labels(exporter) -> None:
+    cfg, metrics = exporter
+    assert metrics.url.endswith(f":{cfg.metrics.port + 1}/metrics")
+    metrics.set_resumed_from(6)
+    for step, (wait, duration) in enumerate([(0.01, 0.5), (0.02, 1.5)], start=7):
+        metrics.observe_step(step, samples=4, data_wait=wait, duration=duration)
+    metrics.observe_interval(LOSSES, SCHEDULE)
+    metrics.observe_checkpoint(8, seconds=2.0)
+    metrics.update_data_errors({"corrupt": 2})
+    metrics.update_storage(
+        {
+            "requests": {("get", "ok"): 5, ("get", "throttled"): 1},
+            "bytes_read": 1000,
+            "bytes_written": 0,
+            "retries": {"get": 1},
+            "errors": {},
+        }
+    )
+    samples = scrape(metrics.url)
+
+    rsdino = {name: rows for name, rows in samples.items() if name.startswith("rsdino_")}
+    for rows in rsdino.values():
+        for sample in rows:
+            assert sample.labels["rank"] == "3"
+            assert sample.labels["local_rank"] == "1"
+            assert sample.labels["node"] == socket.gethostname()
+            assert sample.labels["job"] == "unit"
+    for component, loss in LOSSES.items():
+        assert value(samples, "rsdino_loss", component=component) == loss
+    assert value(samples, "rsdino_step") == 8
+    assert value(samples, "rsdino_steps_total") == 2
+    assert value(samples, "rsdino_samples_total") == 8
+    # 4 images: 2 global crops of (32/8)^2 = 16 patches, 2 local crops of (16/8)^2 = 4 patches.
+    assert value(samples, "rsdino_tokens_total") == 2 * 4 * (2 * 16 + 2 * 4)
+    assert value(samples, "rsdino_step_duration_seconds_count") == 2
+    assert value(samples, "rsdino_step_duration_seconds_sum") == 2.0
+    assert value(samples, "rsdino_step_duration_seconds_bucket", le="1.0") == 1
+    assert value(samples, "rsdino_data_wait_seconds_sum") == pytest.approx(0.03)
+    assert value(samples, "rsdino_learning_rate") == 1e-3
+    assert value(samples, "rsdino_weight_decay") == 0.04
+    assert value(samples, "rsdino_teacher_momentum") == 0.992
+    assert value(samples, "rsdino_teacher_temperature") == 0.04
+    flops = estimate_step_cost(cfg).flops
+    assert value(samples, "rsdino_mfu_ratio") == pytest.approx(flops * 2 / 2.0 / 1e9)
+    assert "rsdino_gpu_memory_bytes" not in samples  # CUDA only
+    assert value(samples, "rsdino_world_size") == 4
+    assert value(samples, "rsdino_restarts") == 0
+    assert value(samples, "rsdino_resumed_from_step") == 6
+    assert value(samples, "rsdino_checkpoint_save_duration_seconds_sum") == 2.0
+    assert value(samples, "rsdino_last_checkpoint_step") == 8
+    assert value(samples, "rsdino_last_checkpoint_timestamp_seconds") > 1.7e9
+    assert value(samples, "rsdino_data_errors_total", kind="corrupt") == 2
+    assert {s.labels["kind"] for s in samples["rsdino_data_errors_total"]} == set(DATA_ERROR_KINDS)
+    assert value(samples, "rsdino_storage_requests_total", operation="get", status="ok") == 5
+    assert value(samples, "rsdino_storage_requests_total", status="throttled") == 1
+    assert value(samples, "rsdino_storage_bytes_total", direction="read") == 1000
+    assert value(samples, "rsdino_storage_retries_total", operation="get") == 1
+    assert value(samples, "rsdino_build_info", preset="vit_small/16") == 1
+
+
+def test_counters_only_increase_when_a_source_restarts_its_counts(exporter) -> None:
+    _, metrics = exporter
+    metrics.update_data_errors({"nan": 3})
+    metrics.update_data_errors({"nan": 1})  # e.g. a fresh source after a loader restart
+    metrics.update_data_errors({"nan": 5})
+    snapshot = {"requests": {("get", "ok"): 4}, "bytes_read": 40, "bytes_written": 0}
+    metrics.update_storage({**snapshot, "retries": {"get": 2}})
+    metrics.update_storage({**snapshot, "retries": {"get": 1}})
+    samples = scrape(metrics.url)
+    assert value(samples, "rsdino_data_errors_total", kind="nan") == 5
+    assert value(samples, "rsdino_storage_retries_total", operation="get") == 2
+    assert value(samples, "rsdino_storage_requests_total", operation="get") == 4
+
+
+def test_unknown_peak_flops_exports_no_mfu() -> None:
+    cfg = enabled_config(free_port())
+    metrics = start_metrics(cfg, DistContext(0, 0, 1, CPU), preset="p")
+    try:
+        metrics.observe_step(1, samples=4, data_wait=0.0, duration=1.0)
+        metrics.observe_interval(LOSSES, SCHEDULE)
+        assert "rsdino_mfu_ratio" not in scrape(metrics.url)
+    finally:
+        metrics.close()
+
+
+def test_port_in_use_names_the_port_and_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RsdinoError, match=rf"port {port} \(metrics\.port={port} "):
+            start_metrics(enabled_config(port), DistContext(0, 0, 1, CPU), preset="p")
+
+
+def test_disabled_metrics_is_a_no_op() -> None:
+    metrics = start_metrics(tiny_config(), DistContext(0, 0, 1, CPU), preset="p")
+    assert isinstance(metrics, DisabledMetrics)
+    assert metrics.url is None
+    public = {name for name in dir(TrainingMetrics) if not name.startswith("_")}
+    assert public <= set(dir(DisabledMetrics))
+    metrics.observe_step(1, samples=4, data_wait=0.0, duration=1.0)
+    metrics.observe_interval(LOSSES, SCHEDULE)
+    metrics.close()
+
+
+def test_vit_flops_match_a_hand_count_and_torch_flop_counter() -> None:
+    # 4x4 image, patch 2: 4 patches + [CLS] = 5 tokens, dim 8, one block, FFN width 32.
+    patch_embed = 2 * 4 * (3 * 2 * 2) * 8  # 768
+    qkv_and_proj = 2 * 5 * (8 * 24 + 8 * 8)  # 2560
+    attention = 2 * (5 * 5 * 8) * 2  # QK^T and AV: 800
+    ffn = 2 * 5 * (8 * 32 + 32 * 8)  # 5120
+    hand = patch_embed + qkv_and_proj + attention + ffn
+    estimate = vit_forward_flops(
+        n_patches=4, extra_tokens=1, dim=8, depth=1, patch_size=2, in_chans=3
+    )
+    assert estimate == hand == 9248
+
+    model = VisionTransformer(
+        img_size=4, patch_size=2, in_chans=3, embed_dim=8, depth=1, num_heads=2
+    )
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, 4, 4))
+    counted = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    # torch counts the convolution and the linear layers; its CPU attention kernel goes uncounted.
+    assert counted == {"aten.convolution": patch_embed, "aten.addmm": qkv_and_proj + ffn}
+
+
+def test_head_flops_hand_count() -> None:
+    # 8 -> 16 -> 16 -> 4 bottleneck, then 4 -> 10 prototypes.
+    assert head_flops_per_token(8, 3, 16, 4, 10) == 2 * (8 * 16 + 16 * 16 + 16 * 4 + 4 * 10)
+    assert head_flops_per_token(8, 1, 16, 4, 10) == 2 * (8 * 4 + 4 * 10)
+
+
+def test_step_cost_counts_student_three_times_and_teacher_on_global_crops() -> None:
+    cfg = tiny_config("ibot.loss_weight=0")  # no masked patches: a deterministic count
+
+    # Per rank: 4 images -> 8 global crops (16 patches each), 8 local crops (4 patches each).
+    # ViT: dim 32, depth 2, FFN 128, 13 bands, patch 8, tokens = patches + [CLS].
+    def vit(n_patches: int) -> int:
+        tokens = n_patches + 1
+        embed = 2 * n_patches * 13 * 8 * 8 * 32
+        block = 2 * tokens * 4 * 32 * 32 + 4 * tokens * tokens * 32 + 2 * tokens * 2 * 32 * 128
+        return embed + 2 * block
+
+    head = 2 * (32 * 32 + 1 * 32 * 32 + 32 * 16 + 16 * 64)  # 3 layers, hidden 32, bottleneck 16
+    student = 8 * vit(16) + 8 * vit(4) + 16 * head
+    teacher = 8 * vit(16) + 8 * head
+    cost = estimate_step_cost(cfg)
+    assert cost.flops == 3 * student + teacher
+    assert cost.tokens == 8 * 16 + 8 * 4

@@ -1,0 +1,453 @@
+"""Prometheus metrics of a training run, served over HTTP by every rank.
+
+Each rank serves its own ``/metrics`` on ``metrics.port + local_rank`` so several ranks can share
+a pod; every sample carries ``rank``, ``local_rank``, ``node`` and ``job`` labels (scrape with
+``honor_labels: true`` so Prometheus keeps that ``job``). Values are updated from numbers the loop
+already has on the host: nothing here adds a device sync. Throughput is a counter; ask Prometheus
+for ``rate()`` rather than exporting a rate.
+
+``rsdino_mfu_ratio`` is only exported when ``metrics.peak_flops_per_device`` is set (> 0): with an
+unknown peak (e.g. on CPU) the family has no sample at all. ``rsdino_gpu_memory_bytes`` is only
+exported on CUDA. The storage families count what the training process itself reads through a
+packed-shard store (the manifest and, with ``num_workers=0``, every chunk); loader worker
+processes keep their own counts, which do not reach this exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from rsdino import __version__
+from rsdino.data.sources.decode import DataError
+from rsdino.errors import RsdinoError
+from rsdino.models.layers import swiglu_hidden_features
+from rsdino.models.vit import ARCH_SPECS
+from rsdino.train.dist import DistContext
+
+log = logging.getLogger("rsdino")
+
+BASE_LABELS = ("rank", "local_rank", "node", "job")
+LOSS_COMPONENTS = ("dino_global", "dino_local", "ibot", "koleo", "total")
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DATA_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
+CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# Every kind a source can count, exported at 0 from the start so rate() sees the first error.
+DATA_ERROR_KINDS = (DataError.kind, *(cls.kind for cls in DataError.__subclasses__()), "nan_filled")
+MLP_RATIO = 4.0  # the ViTs are built with DINOv2's default FFN width
+
+
+# --- Analytical cost of one training step ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Per-rank work of one step: matmul FLOPs and image patch tokens through the student."""
+
+    flops: float
+    tokens: int
+
+
+def _ffn_flops_per_token(dim: int, ffn_layer: str) -> float:
+    hidden = int(dim * MLP_RATIO)
+    if ffn_layer == "mlp":
+        return 2.0 * 2 * dim * hidden
+    return 2.0 * 3 * dim * swiglu_hidden_features(hidden)
+
+
+def vit_forward_flops(
+    *,
+    n_patches: int,
+    extra_tokens: int,
+    dim: int,
+    depth: int,
+    patch_size: int,
+    in_chans: int,
+    ffn_layer: str = "mlp",
+) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one image through a ViT; norms and softmax are noise.
+
+    Patch embedding, then per block: qkv and output projections, the two attention products
+    (QK^T and AV, each tokens^2 x dim) and the feed-forward network.
+    """
+    tokens = n_patches + extra_tokens
+    patch_embed = 2.0 * n_patches * in_chans * patch_size**2 * dim
+    projections = 2.0 * tokens * 4 * dim * dim
+    attention = 2.0 * 2 * tokens * tokens * dim
+    ffn = tokens * _ffn_flops_per_token(dim, ffn_layer)
+    return patch_embed + depth * (projections + attention + ffn)
+
+
+def head_flops_per_token(
+    in_dim: int, nlayers: int, hidden_dim: int, bottleneck_dim: int, n_prototypes: int
+) -> float:
+    """Matmul FLOPs of one token through a DINO head: the MLP to the bottleneck, then prototypes."""
+    if nlayers == 1:
+        mlp = in_dim * bottleneck_dim
+    else:
+        mlp = in_dim * hidden_dim + (nlayers - 2) * hidden_dim**2 + hidden_dim * bottleneck_dim
+    return 2.0 * (mlp + bottleneck_dim * n_prototypes)
+
+
+@dataclass(frozen=True)
+class _EncoderShape:
+    dim: int
+    depth: int
+    in_chans: int
+
+
+def _encoder_shapes(cfg: DictConfig) -> list[_EncoderShape]:
+    """One ViT, or one per modality in a multimodal run, as ``build_backbone`` makes them."""
+    s = cfg.student
+    if cfg.train.multimodal:
+        archs = [(s.arch_s1, s.in_chans_s1), (s.arch_s2, s.in_chans_s2)]
+    else:
+        archs = [(s.arch, s.in_chans)]
+    shapes = []
+    for arch, in_chans in archs:
+        spec_dim, spec_depth, _ = ARCH_SPECS[arch]
+        dim = spec_dim if s.embed_dim is None else s.embed_dim
+        depth = spec_depth if s.depth is None else s.depth
+        shapes.append(_EncoderShape(dim, depth, in_chans))
+    return shapes
+
+
+def _head_flops(head_cfg: DictConfig, in_dim: int) -> float:
+    return head_flops_per_token(
+        in_dim,
+        head_cfg.head_nlayers,
+        head_cfg.head_hidden_dim,
+        head_cfg.head_bottleneck_dim,
+        head_cfg.head_n_prototypes,
+    )
+
+
+def estimate_step_cost(cfg: DictConfig) -> StepCost:
+    """FLOPs of one rank's step: student forward + backward (3x forward) and teacher forward.
+
+    The student sees the global and local crops, the teacher the global crops; both DINO heads
+    see every [CLS] token they produce and, with iBOT on, the iBOT head sees the expected number
+    of masked patches. Multimodal runs count each modality's ViT; the fusion layers are left out.
+    """
+    batch, patch = cfg.train.batch_size_per_gpu, cfg.student.patch_size
+    global_patches = (cfg.crops.global_crops_size // patch) ** 2
+    local_patches = (cfg.crops.local_crops_size // patch) ** 2
+    n_global, n_local = 2 * batch, cfg.crops.local_crops_number * batch
+    shapes = _encoder_shapes(cfg)
+
+    def encoders(n_patches: int) -> float:
+        return sum(
+            vit_forward_flops(
+                n_patches=n_patches,
+                extra_tokens=1 + cfg.student.num_register_tokens,
+                dim=shape.dim,
+                depth=shape.depth,
+                patch_size=patch,
+                in_chans=shape.in_chans,
+                ffn_layer=cfg.student.ffn_layer,
+            )
+            for shape in shapes
+        )
+
+    head_dim = shapes[-1].dim
+    dino_token = _head_flops(cfg.dino, head_dim)
+    ibot_token = _head_flops(cfg.ibot if cfg.ibot.separate_head else cfg.dino, head_dim)
+    masked = 0.0
+    if cfg.ibot.loss_weight > 0:
+        low, high = cfg.ibot.mask_ratio_min_max
+        masked = n_global * global_patches * cfg.ibot.mask_sample_probability * (low + high) / 2
+    teacher = n_global * (encoders(global_patches) + dino_token) + masked * ibot_token
+    student = (
+        n_global * encoders(global_patches)
+        + n_local * encoders(local_patches)
+        + (n_global + n_local) * dino_token
+        + masked * ibot_token
+    )
+    tokens = len(shapes) * (n_global * global_patches + n_local * local_patches)
+    return StepCost(flops=3 * student + teacher, tokens=tokens)
+
+
+# --- The exporter ---------------------------------------------------------------------------
+
+
+def _counts_delta(seen: dict[Any, int], current: Mapping[Any, int]) -> dict[Any, int]:
+    """Increments since the last look at a cumulative count table; never negative."""
+    delta = {}
+    for key, value in current.items():
+        step = value - seen.get(key, 0)
+        if step > 0:
+            delta[key] = step
+            seen[key] = value
+    return delta
+
+
+def data_error_counts(dataset: object) -> Mapping[str, int]:
+    """Bad samples per kind counted in this process by a source (through ``SkipBadSamples``)."""
+    source = getattr(dataset, "source", dataset)
+    return getattr(source, "error_counts", {})
+
+
+def storage_snapshot(dataset: object) -> dict[str, Any] | None:
+    """``StorageCounters.snapshot()`` of a packed-shard stream's store, or None for other data."""
+    store = getattr(dataset, "store", None)
+    return None if store is None else store.counters.snapshot()
+
+
+class TrainingMetrics:
+    """The metric families of one rank, in their own registry, served over HTTP."""
+
+    def __init__(self, settings: DictConfig, ctx: DistContext, cost: StepCost, preset: str) -> None:
+        self.registry = CollectorRegistry()
+        self.base = {
+            "rank": str(ctx.rank),
+            "local_rank": str(ctx.local_rank),
+            "node": socket.gethostname(),
+            "job": settings.job,
+        }
+        self.device = ctx.device
+        self.cost = cost
+        self.peak_flops = settings.peak_flops_per_device
+        self._dataset: object = None
+        self._seen_errors: dict[str, int] = {}
+        self._seen_storage: dict[tuple[str, ...], int] = {}
+        self._interval_steps, self._interval_seconds = 0, 0.0
+        self._define_families()
+        self._set_run_info(ctx, preset)
+        self.port = settings.port + ctx.local_rank
+        try:
+            self._server, self._thread = start_http_server(
+                self.port, addr=settings.host, registry=self.registry
+            )
+        except OSError as exc:
+            raise RsdinoError(
+                f"metrics port {self.port} (metrics.port={settings.port} + local rank "
+                f"{ctx.local_rank}) on {settings.host} is unavailable ({exc.strerror}); set "
+                "metrics.port to a free range or metrics.enabled=false"
+            ) from exc
+        host = socket.gethostname() if settings.host in ("", "0.0.0.0", "::") else settings.host
+        self.url = f"http://{host}:{self.port}/metrics"
+
+    def _family(
+        self, kind: type, name: str, doc: str, labels: tuple[str, ...] = (), **kw: Any
+    ) -> Any:
+        return kind(name, doc, (*BASE_LABELS, *labels), registry=self.registry, **kw)
+
+    def _define_families(self) -> None:
+        family = self._family
+        self.loss = family(
+            Gauge, "rsdino_loss", "Loss parts, interval mean over ranks", ("component",)
+        )
+        self.step = family(Gauge, "rsdino_step", "Completed optimisation steps")
+        self.steps = family(Counter, "rsdino_steps_total", "Steps completed by this process")
+        self.samples = family(Counter, "rsdino_samples_total", "Samples trained on by this rank")
+        self.tokens = family(
+            Counter, "rsdino_tokens_total", "Image patch tokens through this rank's student"
+        )
+        self.step_seconds = family(
+            Histogram,
+            "rsdino_step_duration_seconds",
+            "Host wall time of one step, data wait included",
+            buckets=STEP_BUCKETS,
+        )
+        self.data_wait = family(
+            Histogram,
+            "rsdino_data_wait_seconds",
+            "Time blocked waiting for the next batch",
+            buckets=DATA_WAIT_BUCKETS,
+        )
+        self.lr = family(Gauge, "rsdino_learning_rate", "Scheduled peak learning rate")
+        self.wd = family(Gauge, "rsdino_weight_decay", "Scheduled weight decay")
+        self.momentum = family(Gauge, "rsdino_teacher_momentum", "Teacher EMA momentum")
+        self.temperature = family(Gauge, "rsdino_teacher_temperature", "Teacher softmax temp")
+        self.mfu = family(Gauge, "rsdino_mfu_ratio", "Model FLOPs utilisation over the interval")
+        self.gpu_memory = family(
+            Gauge, "rsdino_gpu_memory_bytes", "CUDA memory of this rank's device", ("kind",)
+        )
+        self.world_size = family(Gauge, "rsdino_world_size", "Ranks in the job")
+        self.restarts = family(Gauge, "rsdino_restarts", "Elastic restarts of the job so far")
+        self.resumed_from = family(
+            Gauge, "rsdino_resumed_from_step", "Checkpoint step resumed from (0: fresh start)"
+        )
+        self.checkpoint_seconds = family(
+            Histogram,
+            "rsdino_checkpoint_save_duration_seconds",
+            "Wall time to gather and write a checkpoint",
+            buckets=CHECKPOINT_BUCKETS,
+        )
+        self.checkpoint_step = family(
+            Gauge, "rsdino_last_checkpoint_step", "Step of the last complete checkpoint"
+        )
+        self.checkpoint_time = family(
+            Gauge, "rsdino_last_checkpoint_timestamp_seconds", "When it completed (Unix time)"
+        )
+        self.data_errors = family(
+            Counter, "rsdino_data_errors_total", "Bad samples skipped, by kind", ("kind",)
+        )
+        self.storage_requests = family(
+            Counter,
+            "rsdino_storage_requests_total",
+            "Storage requests by outcome",
+            ("operation", "status"),
+        )
+        self.storage_bytes = family(
+            Counter, "rsdino_storage_bytes_total", "Bytes moved to or from storage", ("direction",)
+        )
+        self.storage_retries = family(
+            Counter, "rsdino_storage_retries_total", "Storage request retries", ("operation",)
+        )
+        self.build_info = family(
+            Gauge,
+            "rsdino_build_info",
+            "Versions of this run (always 1)",
+            ("version", "torch", "preset"),
+        )
+
+    def _set_run_info(self, ctx: DistContext, preset: str) -> None:
+        base = self.base
+        self.build_info.labels(
+            **base, version=__version__, torch=torch.__version__, preset=preset
+        ).set(1)
+        self.world_size.labels(**base).set(ctx.world_size)
+        self.restarts.labels(**base).set(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+        self.resumed_from.labels(**base).set(0)
+        for family in (self.steps, self.samples, self.tokens, self.step_seconds, self.data_wait):
+            family.labels(**base)  # zero-valued from the first scrape, so rate() has a start
+        self.checkpoint_seconds.labels(**base)
+        for kind in DATA_ERROR_KINDS:
+            self.data_errors.labels(**base, kind=kind)
+
+    def set_resumed_from(self, step: int) -> None:
+        self.resumed_from.labels(**self.base).set(step)
+
+    def watch_data(self, dataset: object) -> None:
+        """Read data-error and storage counts from ``dataset`` at every interval."""
+        self._dataset = dataset
+
+    def observe_step(self, step: int, samples: int, data_wait: float, duration: float) -> None:
+        """After each step, from host timers only: ``step`` is the number of completed steps."""
+        base = self.base
+        self.step.labels(**base).set(step)
+        self.steps.labels(**base).inc()
+        self.samples.labels(**base).inc(samples)
+        self.tokens.labels(**base).inc(self.cost.tokens)
+        self.data_wait.labels(**base).observe(data_wait)
+        self.step_seconds.labels(**base).observe(duration)
+        self._interval_steps += 1
+        self._interval_seconds += duration
+
+    def observe_interval(self, losses: Mapping[str, float], scalars: Mapping[str, float]) -> None:
+        """At log intervals: losses (already on the host), schedules, MFU, memory, data counts."""
+        base = self.base
+        for component, value in losses.items():
+            self.loss.labels(**base, component=component).set(value)
+        self.lr.labels(**base).set(scalars["lr"])
+        self.wd.labels(**base).set(scalars["wd"])
+        self.momentum.labels(**base).set(scalars["momentum"])
+        self.temperature.labels(**base).set(scalars["teacher_temp"])
+        if self.peak_flops > 0 and self._interval_seconds > 0:
+            achieved = self.cost.flops * self._interval_steps / self._interval_seconds
+            self.mfu.labels(**base).set(achieved / self.peak_flops)
+        self._interval_steps, self._interval_seconds = 0, 0.0
+        if self.device.type == "cuda":
+            self._update_gpu_memory()
+        if self._dataset is not None:
+            self.update_data_errors(data_error_counts(self._dataset))
+            snapshot = storage_snapshot(self._dataset)
+            if snapshot is not None:
+                self.update_storage(snapshot)
+
+    def _update_gpu_memory(self) -> None:
+        device, base = self.device, self.base
+        gauge = self.gpu_memory
+        gauge.labels(**base, kind="allocated").set(torch.cuda.memory_allocated(device))
+        gauge.labels(**base, kind="reserved").set(torch.cuda.memory_reserved(device))
+        gauge.labels(**base, kind="peak").set(torch.cuda.max_memory_allocated(device))
+
+    def update_data_errors(self, counts: Mapping[str, int]) -> None:
+        """``counts``: cumulative bad samples per kind, as a source's ``error_counts``."""
+        for kind, increment in _counts_delta(self._seen_errors, counts).items():
+            self.data_errors.labels(**self.base, kind=kind).inc(increment)
+
+    def update_storage(self, snapshot: Mapping[str, Any]) -> None:
+        """``snapshot``: cumulative counts shaped like ``StorageCounters.snapshot()``."""
+        base, seen = self.base, self._seen_storage
+        requests = {("request", op, status): n for (op, status), n in snapshot["requests"].items()}
+        for (_, operation, status), n in _counts_delta(seen, requests).items():
+            self.storage_requests.labels(**base, operation=operation, status=status).inc(n)
+        moved = {
+            ("bytes", "read"): snapshot["bytes_read"],
+            ("bytes", "write"): snapshot["bytes_written"],
+        }
+        for (_, direction), n in _counts_delta(seen, moved).items():
+            self.storage_bytes.labels(**base, direction=direction).inc(n)
+        retries = {("retry", op): n for op, n in snapshot["retries"].items()}
+        for (_, operation), n in _counts_delta(seen, retries).items():
+            self.storage_retries.labels(**base, operation=operation).inc(n)
+
+    def observe_checkpoint(self, step: int, seconds: float) -> None:
+        """After a checkpoint is complete on storage (every rank has passed the save barrier)."""
+        base = self.base
+        self.checkpoint_seconds.labels(**base).observe(seconds)
+        self.checkpoint_step.labels(**base).set(step)
+        self.checkpoint_time.labels(**base).set(time.time())
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+class DisabledMetrics:
+    """``metrics.enabled=false``: the same calls, doing nothing (no server, no registry)."""
+
+    url = None
+
+    def set_resumed_from(self, step: int) -> None:
+        pass
+
+    def watch_data(self, dataset: object) -> None:
+        pass
+
+    def observe_step(self, step: int, samples: int, data_wait: float, duration: float) -> None:
+        pass
+
+    def observe_interval(self, losses: Mapping[str, float], scalars: Mapping[str, float]) -> None:
+        pass
+
+    def update_data_errors(self, counts: Mapping[str, int]) -> None:
+        pass
+
+    def update_storage(self, snapshot: Mapping[str, Any]) -> None:
+        pass
+
+    def observe_checkpoint(self, step: int, seconds: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def start_metrics(
+    cfg: DictConfig, ctx: DistContext, preset: str
+) -> TrainingMetrics | DisabledMetrics:
+    """Serve this rank's metrics as ``cfg.metrics`` says; rank 0 logs where they are served."""
+    if not cfg.metrics.enabled:
+        return DisabledMetrics()
+    metrics = TrainingMetrics(cfg.metrics, ctx, estimate_step_cost(cfg), preset)
+    if ctx.is_main:
+        log.info(
+            "metrics served at %s (rank %d; local rank r serves port %d + r)",
+            metrics.url,
+            ctx.rank,
+            cfg.metrics.port,
+        )
+    return metrics
