@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from omegaconf import DictConfig
 
@@ -30,6 +33,28 @@ TINY_OVERRIDES = [
     "dino.head_bottleneck_dim=16",
     "metrics.enabled=false",  # tests that need the exporter turn it on with their own port
 ]
+
+
+def torchrun_train_command(
+    n_procs: int, output_dir: Path, *overrides: str, torchrun_args: tuple[str, ...] = ()
+) -> list[str]:
+    """`rsdino train --config quickstart` under torchrun with ``n_procs`` local ranks."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n_procs}",
+        *torchrun_args,
+        "-m",
+        "rsdino.cli",
+        "train",
+        "--config",
+        "quickstart",
+        "--output-dir",
+        str(output_dir),
+        *overrides,
+    ]
 
 
 def tiny_config(*extra: str) -> DictConfig:

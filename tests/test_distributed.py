@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, torchrun_train_command
 
 from rsdino.train.checkpoint import checkpoint_name
 
@@ -20,21 +19,7 @@ EXACT = [*TINY_OVERRIDES, "dino.koleo_loss_weight=0", "student.drop_path_rate=0"
 
 
 def torchrun(n_procs: int, output_dir: Path, *overrides: str) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={n_procs}",
-        "-m",
-        "rsdino.cli",
-        "train",
-        "--config",
-        "quickstart",
-        "--output-dir",
-        str(output_dir),
-        *overrides,
-    ]
+    command = torchrun_train_command(n_procs, output_dir, *overrides)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

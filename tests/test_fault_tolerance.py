@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, torchrun_train_command
 
 from rsdino.train.checkpoint import checkpoint_name
 
@@ -25,25 +24,15 @@ def _children(pid: int) -> list[int]:
 
 def test_sigkill_of_one_worker_restarts_the_group_and_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "--max-restarts=2",
-        "-m",
-        "rsdino.cli",
-        "train",
-        "--config",
-        "quickstart",
-        "--output-dir",
-        str(run),
+    command = torchrun_train_command(
+        2,
+        run,
         *TINY_OVERRIDES,
         "train.OFFICIAL_EPOCH_LENGTH=3",
         f"optim.epochs={STEPS // 3}",
         "checkpoint.every_steps=5",
-    ]
+        torchrun_args=("--max-restarts=2",),
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     first_checkpoint = run / "checkpoints" / checkpoint_name(5)

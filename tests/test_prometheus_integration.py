@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, torchrun_train_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "helm" / "rsdino-pretrain" / "dashboards" / "rsdino.json"
@@ -88,19 +87,9 @@ def stop(process: subprocess.Popen) -> None:
 def training(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen, Path]]:
     """2 ranks that train far longer than the test; killed at teardown."""
     base = free_port_pair()
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "rsdino.cli",
-        "train",
-        "--config",
-        "quickstart",
-        "--output-dir",
-        str(tmp_path / "run"),
+    command = torchrun_train_command(
+        2,
+        tmp_path / "run",
         *TINY_OVERRIDES,
         "optim.epochs=1000",
         "checkpoint.every_steps=5",
@@ -109,7 +98,7 @@ def training(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen, Path]]:
         f"metrics.port={base}",
         f"metrics.job={JOB}",
         "metrics.peak_flops_per_device=1e9",
-    ]
+    )
     log_path = tmp_path / "train.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
