@@ -113,5 +113,7 @@ def init_distributed(
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group once every rank is done with it."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

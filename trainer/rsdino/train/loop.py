@@ -31,7 +31,7 @@ from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
 from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
 from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
 from rsdino.train.checkpoint import CheckpointManager, checkpoint_name
-from rsdino.train.dist import DistContext, init_distributed
+from rsdino.train.dist import DistContext, init_distributed, shutdown_distributed
 from rsdino.train.fsdp import full_state, load_full_state, reshard_teacher, shard_model
 from rsdino.train.metrics import start_metrics
 from rsdino.train.output_dir import output_paths, prepare_output_dir
@@ -437,4 +437,9 @@ def barrier() -> None:
 
 def train(cfg: DictConfig, output_dir: Path, resume: bool = True) -> TrainResult:
     """Run (or resume) the pretraining described by ``cfg``; returns where it ended."""
-    return Trainer(cfg, output_dir, resume).run()
+    result = Trainer(cfg, output_dir, resume).run()
+    # An explicit teardown on success: a process group left to interpreter exit can abort the
+    # process (std::terminate in gloo's threads) after training has finished. On failure the
+    # process exits without waiting for the other ranks, so torchrun notices and restarts them.
+    shutdown_distributed()
+    return result
