@@ -42,3 +42,21 @@ def test_knn_signal_reports_both_accuracies(config: list[str], tmp_path: Path) -
     assert report["steps"] == 6
     for key in ("knn_top1_random_init", "knn_top1_pretrained"):
         assert 0.0 <= report[key] <= 1.0
+
+
+def test_metrics_overhead_reports_a_ratio() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "metrics_overhead.py"),
+            "--steps",
+            "3",
+            *[item for item in TINY_OVERRIDES if not item.startswith("metrics.")],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = json.loads(done.stdout[done.stdout.index("{") :])
+    assert 0 < report["overhead_ratio"] < 1
+    assert done.returncode == (0 if report["overhead_ratio"] < 0.01 else 1)
