@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rsdino.data.collate import collate_samples
 from rsdino.data.shards import (
     assemble_chunk,
     assemble_shard,
@@ -87,8 +88,9 @@ def test_chunk_round_trip_for_both_sample_kinds(codec: str) -> None:
     assert len(decoded) == 3
     for got, original in zip(decoded, samples, strict=True):
         assert_same_sample(got, original)
-    # Decoded arrays own writable memory, so torch takes them without warnings or copies.
-    assert decoded[0]["s2"].flags.writeable
+    # Decoded arrays are read-only views of the chunk (no copy); batching copies them once.
+    assert not decoded[0]["s2"].flags.writeable
+    assert collate_samples(decoded[:1])["s2"].is_contiguous()
 
 
 def test_decode_can_leave_out_arrays() -> None:

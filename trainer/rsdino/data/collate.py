@@ -15,8 +15,12 @@ def _stack_field(key: str, values: list) -> torch.Tensor | list[str]:
         return list(values)
     if isinstance(first, (np.ndarray, torch.Tensor)):
         try:
-            stacked = torch.stack([torch.as_tensor(value) for value in values])
-        except RuntimeError as error:
+            if isinstance(first, np.ndarray):
+                # One copy into new, writable memory: inputs may be read-only shard views.
+                stacked = torch.from_numpy(np.stack(values))
+            else:
+                stacked = torch.stack([torch.as_tensor(value) for value in values])
+        except (RuntimeError, ValueError, TypeError) as error:
             raise ValueError(f"cannot stack field {key!r}: {error}") from error
         return stacked.float() if stacked.is_floating_point() else stacked
     if isinstance(first, numbers.Integral):

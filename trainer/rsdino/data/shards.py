@@ -138,13 +138,17 @@ def assemble_shard(chunks: list[tuple[bytes, dict[str, Any]]]) -> tuple[bytes, l
 
 
 def _decode_array(data: bytes, meta: dict[str, Any]) -> np.ndarray:
-    payload = data[meta["offset"] : meta["offset"] + meta["nbytes"]]
+    """A read-only array viewing ``data`` (or its decompressed payload): no copy on the hot path.
+
+    Batching copies every sample once into the batch anyway (``collate_samples``), so copying
+    here as well would only double the host-side memory traffic.
+    """
+    payload = memoryview(data)[meta["offset"] : meta["offset"] + meta["nbytes"]]
     if meta["codec"] == "zlib":
         payload = zlib.decompress(payload)
     elif meta["codec"] != "none":
         raise RsdinoError(f"unknown codec {meta['codec']!r} in a shard index; repack the dataset")
-    # A copy, so the array owns writable memory (torch warns about read-only numpy buffers).
-    return np.frombuffer(payload, dtype=np.dtype(meta["dtype"])).reshape(meta["shape"]).copy()
+    return np.frombuffer(payload, dtype=np.dtype(meta["dtype"])).reshape(meta["shape"])
 
 
 def decode_chunk(
