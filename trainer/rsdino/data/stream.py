@@ -38,6 +38,7 @@ from rsdino.data.shards import (
     read_shard_indexes,
 )
 from rsdino.data.storage import Store
+from rsdino.data.worker_stats import attach_worker_stats
 from rsdino.errors import RsdinoError
 
 # Separate random streams for the order of chunks and the order of samples inside a chunk.
@@ -213,7 +214,7 @@ class ShardStream(IterableDataset):
                         users[chunk_id] -= 1
                         if not users[chunk_id]:
                             del users[chunk_id], reads[chunk_id]
-                    yield batch
+                    yield attach_worker_stats(batch, self)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

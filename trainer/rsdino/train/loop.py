@@ -19,12 +19,12 @@ from rsdino.config.loader import config_to_yaml
 from rsdino.data.augment import MultiCropAugment
 from rsdino.data.bands import S2_LAYOUTS, BandNormalizer
 from rsdino.data.build import SourceSpec, build_dataset
-from rsdino.data.collate import collate_samples
 from rsdino.data.masking import IBotMasks, masks_from_flat, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
 from rsdino.data.stats import normalizer_stats
 from rsdino.data.stream import ShardStream
+from rsdino.data.worker_stats import WORKER_STATS_KEY, collate_with_worker_stats
 from rsdino.errors import RsdinoError
 from rsdino.models.build import modalities
 from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
@@ -140,7 +140,7 @@ def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataL
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate_samples,
+        collate_fn=collate_with_worker_stats,
         drop_last=True,
         **loader_options,
     )
@@ -391,6 +391,8 @@ class Trainer:
                 started = time.perf_counter()
                 batch = next(batches)
                 data_wait = time.perf_counter() - started
+                if WORKER_STATS_KEY in batch:
+                    metrics.observe_worker_stats(*batch.pop(WORKER_STATS_KEY))
                 for name, value in self.train_step(batch, step).items():
                     running[name] = running.get(name, 0.0) + value
                 self.samples_seen += self.global_batch_size

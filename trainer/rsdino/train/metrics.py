@@ -15,6 +15,7 @@ processes keep their own counts, which do not reach this exporter.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from rsdino import __version__
 from rsdino.data.sources.decode import DataError
+from rsdino.data.worker_stats import data_error_counts, storage_snapshot
 from rsdino.errors import RsdinoError
 from rsdino.models.layers import swiglu_hidden_features
 from rsdino.models.vit import ARCH_SPECS
@@ -190,16 +192,19 @@ def _counts_delta(seen: dict[Any, int], current: Mapping[Any, int]) -> dict[Any,
     return delta
 
 
-def data_error_counts(dataset: object) -> Mapping[str, int]:
-    """Bad samples per kind counted in this process by a source (through ``SkipBadSamples``)."""
-    source = getattr(dataset, "source", dataset)
-    return getattr(source, "error_counts", {})
-
-
-def storage_snapshot(dataset: object) -> dict[str, Any] | None:
-    """``StorageCounters.snapshot()`` of a packed-shard stream's store, or None for other data."""
-    store = getattr(dataset, "store", None)
-    return None if store is None else store.counters.snapshot()
+def _sum_snapshots(snapshots: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add up ``StorageCounters.snapshot()`` tables of several processes."""
+    requests: collections.Counter[Any] = collections.Counter()
+    retries: collections.Counter[str] = collections.Counter()
+    for snapshot in snapshots:
+        requests.update(snapshot["requests"])
+        retries.update(snapshot["retries"])
+    return {
+        "requests": dict(requests),
+        "retries": dict(retries),
+        "bytes_read": sum(snapshot["bytes_read"] for snapshot in snapshots),
+        "bytes_written": sum(snapshot["bytes_written"] for snapshot in snapshots),
+    }
 
 
 class TrainingMetrics:
@@ -217,6 +222,7 @@ class TrainingMetrics:
         self.cost = cost
         self.peak_flops = settings.peak_flops_per_device
         self._dataset: object = None
+        self._worker_counts: dict[int, Mapping[str, Any]] = {}
         self._seen_errors: dict[str, int] = {}
         self._seen_storage: dict[tuple[str, ...], int] = {}
         self._interval_steps, self._interval_seconds = 0, 0.0
@@ -359,11 +365,29 @@ class TrainingMetrics:
         self._interval_steps, self._interval_seconds = 0, 0.0
         if self.device.type == "cuda":
             self._update_gpu_memory()
+        self._update_data_counts()
+
+    def observe_worker_stats(self, worker_id: int, counts: Mapping[str, Any]) -> None:
+        """The latest cumulative counts of one loader worker (they travel with its batches)."""
+        self._worker_counts[worker_id] = counts
+
+    def _update_data_counts(self) -> None:
+        """Sum the training process's own counts and every worker's latest into the counters."""
+        everyone = list(self._worker_counts.values())
         if self._dataset is not None:
-            self.update_data_errors(data_error_counts(self._dataset))
-            snapshot = storage_snapshot(self._dataset)
-            if snapshot is not None:
-                self.update_storage(snapshot)
+            everyone.append(
+                {
+                    "data_errors": data_error_counts(self._dataset),
+                    "storage": storage_snapshot(self._dataset),
+                }
+            )
+        errors: collections.Counter[str] = collections.Counter()
+        for counts in everyone:
+            errors.update(counts["data_errors"])
+        self.update_data_errors(errors)
+        snapshots = [counts["storage"] for counts in everyone if counts["storage"] is not None]
+        if snapshots:
+            self.update_storage(_sum_snapshots(snapshots))
 
     def _update_gpu_memory(self) -> None:
         device, base = self.device, self.base
@@ -415,6 +439,9 @@ class DisabledMetrics:
         pass
 
     def watch_data(self, dataset: object) -> None:
+        pass
+
+    def observe_worker_stats(self, worker_id: int, counts: Mapping[str, Any]) -> None:
         pass
 
     def observe_step(self, step: int, samples: int, data_wait: float, duration: float) -> None:

@@ -1,0 +1,49 @@
+"""Counts kept in loader workers (bad tiles, storage traffic) reach the metrics exporter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_metrics import enabled_config, free_port, scrape, value
+from test_real_data_training import write_sen12ms_tree
+from torch.utils.data import DataLoader
+
+from rsdino.data.sources import Sen12MSSource, SkipBadSamples, store_access
+from rsdino.data.storage import LocalStore
+from rsdino.data.worker_stats import WORKER_STATS_KEY, collate_with_worker_stats
+from rsdino.train.dist import DistContext
+from rsdino.train.metrics import start_metrics
+from rsdino.train.runtime import resolve_device
+
+
+def test_worker_counts_are_summed_into_the_exporter(tmp_path: Path) -> None:
+    files = write_sen12ms_tree(tmp_path / "tree")
+    corrupt = next(key for key in sorted(files) if "/S2/" in key)
+    (tmp_path / "tree" / corrupt).write_bytes(b"not a tiff")
+    source = Sen12MSSource(*store_access(LocalStore(tmp_path / "tree")))
+    loader = DataLoader(
+        SkipBadSamples(source), batch_size=2, num_workers=2, collate_fn=collate_with_worker_stats
+    )
+
+    port = free_port()
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=resolve_device("cpu"))
+    metrics = start_metrics(enabled_config(port), ctx, preset="test")
+    try:
+        workers = set()
+        for batch in loader:
+            worker_id, counts = batch.pop(WORKER_STATS_KEY)
+            workers.add(worker_id)
+            metrics.observe_worker_stats(worker_id, counts)
+        metrics.observe_interval(
+            {"total": 1.0}, {"lr": 0, "wd": 0, "momentum": 0, "teacher_temp": 1}
+        )
+        samples = scrape(metrics.url)
+    finally:
+        metrics.close()
+
+    assert workers == {0, 1}
+    assert value(samples, "rsdino_data_errors_total", kind="corrupt") >= 1
+    # 6 pairs = 12 files read through the workers' stores (plus the corrupt one's retry-free read).
+    reads = value(samples, "rsdino_storage_requests_total", operation="get", status="ok")
+    assert reads >= 12
+    assert value(samples, "rsdino_storage_bytes_total", direction="read") > 0
