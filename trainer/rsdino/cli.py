@@ -88,7 +88,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     from rsdino.train.loop import train  # imported late: torch start-up is slow for --help
 
-    result = train(cfg, args.output_dir, resume=not args.no_resume)
+    result = train(cfg, args.output_dir, resume=not args.no_resume, preset=args.config)
     log.info("finished at step %d; last checkpoint: %s", result.final_step, result.last_checkpoint)
     return 0
 

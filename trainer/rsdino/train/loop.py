@@ -216,8 +216,11 @@ def _check_finite(losses: dict[str, float], first_step: int, last_step: int, ckp
 class Trainer:
     """One run: builds model, optimiser, data and schedules once; ``run`` steps until the end."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, resume: bool = True) -> None:
+    def __init__(
+        self, cfg: DictConfig, output_dir: Path, resume: bool = True, preset: str | None = None
+    ) -> None:
         self.cfg = cfg
+        self.preset = preset or "default"
         self.ctx = init_distributed(resolve_device(cfg.train.device))
         self.device = self.ctx.device
         if self.ctx.is_main:
@@ -377,9 +380,7 @@ class Trainer:
         self.model.train()
         reporter = ProgressReporter(self.paths.train_log, steps, self.global_batch_size)
         reporter.start(self.start_step)
-        metrics = start_metrics(
-            cfg, self.ctx, preset=f"{cfg.student.arch}/{cfg.student.patch_size}"
-        )
+        metrics = start_metrics(cfg, self.ctx, preset=self.preset)
         batches = None
         window_start, running = self.start_step, {}
         try:
@@ -437,9 +438,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def train(cfg: DictConfig, output_dir: Path, resume: bool = True) -> TrainResult:
-    """Run (or resume) the pretraining described by ``cfg``; returns where it ended."""
-    result = Trainer(cfg, output_dir, resume).run()
+def train(
+    cfg: DictConfig, output_dir: Path, resume: bool = True, preset: str | None = None
+) -> TrainResult:
+    """Run (or resume) the pretraining described by ``cfg``; ``preset`` names it in metrics."""
+    result = Trainer(cfg, output_dir, resume, preset).run()
     # An explicit teardown on success: a process group left to interpreter exit can abort the
     # process (std::terminate in gloo's threads) after training has finished. On failure the
     # process exits without waiting for the other ranks, so torchrun notices and restarts them.
