@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -111,12 +110,16 @@ def sample_ibot_masks(
     mask_ratio_min_max: tuple[float, float],
     mask_sample_probability: float,
     generator: torch.Generator,
+    rows: Tensor | None = None,
 ) -> IBotMasks:
     """Mask int(n_images * p) of the images, with ratios stratified over [min, max].
 
     Stratifying (image i draws its ratio inside the i-th of equal sub-intervals) spreads the mask
     ratios evenly across the batch instead of leaving it to chance; the images are then shuffled
-    so that which ones are masked is random.
+    so that which ones are masked is random. ``rows`` selects which images of the batch to build
+    (default: all): the batch-level draws are made for all ``n_images`` and each image's blocks
+    come from its own seed, so one rank builds only its share of a global batch, and gets the
+    same masks a single process building the whole batch would.
     """
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
@@ -130,16 +133,19 @@ def sample_ibot_masks(
     num_patches = grid_size[0] * grid_size[1]
     block_masker = BlockMaskGenerator(grid_size)
     n_masked_images = int(n_images * mask_sample_probability)
-    strata = torch.linspace(low, high, n_masked_images + 1).tolist()
-    masks = []
-    for stratum_low, stratum_high in itertools.pairwise(strata):
-        ratio = stratum_low + torch.rand(1, generator=generator).item() * (
-            stratum_high - stratum_low
-        )
-        masks.append(block_masker(int(num_patches * ratio), generator))
-    masks += [torch.zeros(grid_size, dtype=torch.bool)] * (n_images - n_masked_images)
+    strata = torch.linspace(low, high, n_masked_images + 1)
+    ratios = strata[:-1] + torch.rand(n_masked_images, generator=generator) * strata.diff()
+    seeds = torch.randint(2**62, (n_masked_images,), generator=generator).tolist()
     order = torch.randperm(n_images, generator=generator)
-    return masks_from_flat(torch.stack(masks).flatten(1)[order])
+    selected = order if rows is None else order[rows]
+    masks = []
+    for image in selected.tolist():  # image < n_masked_images: the image-th stratum's mask
+        if image < n_masked_images:
+            own = torch.Generator().manual_seed(seeds[image])
+            masks.append(block_masker(int(num_patches * float(ratios[image])), own))
+        else:
+            masks.append(torch.zeros(grid_size, dtype=torch.bool))
+    return masks_from_flat(torch.stack(masks).flatten(1))
 
 
 def masks_from_flat(flat_masks: Tensor) -> IBotMasks:

@@ -19,7 +19,7 @@ from rsdino.config.loader import config_to_yaml
 from rsdino.data.augment import MultiCropAugment
 from rsdino.data.bands import S2_LAYOUTS, BandNormalizer
 from rsdino.data.build import SourceSpec, build_dataset
-from rsdino.data.masking import IBotMasks, masks_from_flat, sample_ibot_masks
+from rsdino.data.masking import IBotMasks, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
 from rsdino.data.stats import normalizer_stats
@@ -31,7 +31,7 @@ from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
 from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
 from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
 from rsdino.train.checkpoint import CheckpointManager, checkpoint_name
-from rsdino.train.dist import DistContext, init_distributed, shutdown_distributed
+from rsdino.train.dist import DistContext, barrier, init_distributed, shutdown_distributed
 from rsdino.train.fsdp import full_state, load_full_state, reshard_teacher, shard_model
 from rsdino.train.metrics import start_metrics
 from rsdino.train.output_dir import output_paths, prepare_output_dir
@@ -167,8 +167,10 @@ def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) ->
     return stream
 
 
-def sample_masks(cfg: DictConfig, n_images: int, generator: torch.Generator) -> IBotMasks | None:
-    """iBOT masks of a global batch's global crops (on the CPU), or None when iBOT is off."""
+def sample_masks(
+    cfg: DictConfig, n_images: int, generator: torch.Generator, rows: Tensor
+) -> IBotMasks | None:
+    """iBOT masks of this rank's ``rows`` of a global batch's global crops (on the CPU)."""
     if cfg.ibot.loss_weight <= 0:
         return None
     grid = cfg.crops.global_crops_size // cfg.student.patch_size
@@ -178,6 +180,7 @@ def sample_masks(cfg: DictConfig, n_images: int, generator: torch.Generator) -> 
         tuple(cfg.ibot.mask_ratio_min_max),
         cfg.ibot.mask_sample_probability,
         generator,
+        rows,
     )
 
 
@@ -281,9 +284,9 @@ class Trainer:
         n_local = cfg.crops.local_crops_number
         global_rows = rank_rows(N_GLOBAL_CROPS, batch_size, ctx.world_size, ctx.rank)
         local_rows = rank_rows(n_local, batch_size, ctx.world_size, ctx.rank)
-        masks = sample_masks(cfg, N_GLOBAL_CROPS * self.global_batch_size, generator)
+        masks = sample_masks(cfg, N_GLOBAL_CROPS * self.global_batch_size, generator, global_rows)
         if masks is not None:
-            masks = masks_from_flat(masks.masks[global_rows]).to(device)
+            masks = masks.to(device)
         doy = batch["doy"].to(device, non_blocking=True) if self.uses_time else None
 
         def presence(n_views: int, rows: Tensor) -> dict[str, Tensor] | None:
@@ -405,11 +408,12 @@ class Trainer:
                 if is_ckpt_step or done % cfg.train.log_every_steps == 0:
                     # The only host sync of the loop: averages over the interval and the ranks.
                     losses = mean_over_ranks(running, done - window_start)
-                    metrics.observe_interval(losses, self._scalars(step))
+                    scalars = self._scalars(step)
+                    metrics.observe_interval(losses, scalars)
                     _check_finite(losses, window_start + 1, done, self.last_checkpoint)
                     window_start, running = done, {}
                     if self.ctx.is_main:
-                        record = reporter.report(done, losses, self._scalars(step))
+                        record = reporter.report(done, losses, scalars)
                         result.history.append(record)
                 if is_ckpt_step:
                     started = time.perf_counter()
@@ -431,11 +435,6 @@ def mean_over_ranks(running: dict[str, Tensor], n_steps: int) -> dict[str, float
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return dict(zip(names, values.tolist(), strict=True))
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def train(
