@@ -112,8 +112,14 @@ def init_distributed(
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def barrier() -> None:
+    """Wait for every rank; a no-op in a single process."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     """Leave the process group once every rank is done with it."""
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
