@@ -23,6 +23,22 @@ class ConfigError(RsdinoError, ValueError):
     """A config problem the user has to fix; the message names the key and the source."""
 
 
+# DINOv2 config sections that rsdino replaces by simpler keys: a research-fork config that still
+# holds them is told what to set instead of only that the key is unknown.
+REPLACED_SECTIONS = {
+    "compute_precision": (
+        "DINOv2's compute_precision.* is replaced by train.precision (autocast and FSDP2 "
+        "parameter dtype: auto, bf16 or fp32) and train.reduce_precision (gradient reduction "
+        "dtype: fp32 or bf16); bf16 needs no grad scaler"
+    ),
+}
+
+
+def _replacement_hint(full_key: str) -> str:
+    hint = REPLACED_SECTIONS.get(full_key.partition(".")[0])
+    return f"; {hint}" if hint else ""
+
+
 def _config_dir() -> Path:
     return Path(str(resources.files("rsdino.config")))
 
@@ -101,7 +117,8 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         merged = OmegaConf.merge(base, layer)
     except OmegaConfBaseException as exc:
         detail = str(exc.msg).splitlines()[0] if exc.msg else str(exc)
-        raise ConfigError(f"{source}: {detail} (key: {exc.full_key})") from exc
+        hint = _replacement_hint(str(exc.full_key))
+        raise ConfigError(f"{source}: {detail} (key: {exc.full_key}){hint}") from exc
     assert isinstance(merged, DictConfig)
     return merged
 

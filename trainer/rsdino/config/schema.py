@@ -76,6 +76,8 @@ class TrainConfig:
     centering: str = MISSING
     device: str = MISSING
     precision: str = MISSING
+    reduce_precision: str = MISSING
+    activation_checkpointing: bool = MISSING
     log_every_steps: int = MISSING
 
 
@@ -83,6 +85,8 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = MISSING
     keep: int = MISSING
+    dir: str = MISSING
+    async_save: bool = MISSING
 
 
 @dataclass

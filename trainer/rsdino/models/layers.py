@@ -148,9 +148,8 @@ class Block(nn.Module):
 
 
 class BlockChunk(nn.ModuleList):
-    """A group of blocks run in order; DINOv2 groups blocks this way to shard them together."""
+    """A group of blocks, for DINOv2's chunked key layout (``blocks.<chunk>.<index>``).
 
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self:
-            x = block(x)
-        return x
+    DINOv2 groups blocks to shard them together; here FSDP2 shards every block on its own and
+    the ViT runs them one by one, so a chunk only names its blocks.
+    """

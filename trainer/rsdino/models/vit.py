@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from rsdino.models.layers import Block, BlockChunk, Mlp, PatchEmbed, SwiGLUFFN
 
@@ -64,7 +65,11 @@ def _init_linear(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT backbone matching DINOv2: class token, optional register tokens, mask token for iBOT."""
+    """ViT backbone matching DINOv2: class token, optional register tokens, mask token for iBOT.
+
+    Setting ``grad_checkpointing`` trades compute for memory: each block keeps only its input and
+    recomputes its activations during backward.
+    """
 
     def __init__(
         self,
@@ -102,6 +107,7 @@ class VisionTransformer(nn.Module):
         self.in_chans = in_chans
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
+        self.grad_checkpointing = False
 
         num_patches = (img_size // patch_size) ** 2
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -199,8 +205,9 @@ class VisionTransformer(nn.Module):
         tokens = self.prepare_tokens(x, masks)
         if token_bias is not None:
             tokens = tokens + token_bias.unsqueeze(1).to(tokens.dtype)
-        for block in self.blocks:
-            tokens = block(tokens)
+        # Block by block even when chunked: a checkpoint then spans exactly one FSDP unit.
+        for block in self._flat_blocks():
+            tokens = self._run_block(block, tokens)
         normed = self.norm(tokens)
         first_patch = 1 + self.num_register_tokens
         return {
@@ -210,6 +217,17 @@ class VisionTransformer(nn.Module):
             "x_prenorm": tokens,
             "masks": masks,
         }
+
+    def _run_block(self, block: nn.Module, tokens: Tensor) -> Tensor:
+        """One block, checkpointed when asked to and when autograd records the forward.
+
+        Without autograd (the teacher, evaluation) no activation is stored anyway, so the
+        recompute would be pure cost. The recompute replays the block's random draws (stochastic
+        depth), so the gradients equal those of the stored activations.
+        """
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, tokens, use_reentrant=False)
+        return block(tokens)
 
     def _flat_blocks(self) -> list[nn.Module]:
         """The transformer blocks in order, without the Identity padding of chunks."""

@@ -55,6 +55,9 @@ class SSLMetaArch(nn.Module):
         student_encoder = build_encoder_from_config(
             cfg, drop_path_rate=cfg.student.drop_path_rate, load_pretrained=True
         )
+        for backbone in student_encoder.backbones.values():
+            # Only the student runs a backward; the teacher has no activations to save.
+            backbone.grad_checkpointing = cfg.train.activation_checkpointing
         embed_dim = student_encoder.embed_dim
         student = {"encoder": student_encoder, "dino_head": build_head(cfg.dino, embed_dim)}
         teacher = {

@@ -39,6 +39,18 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def resolve_reduce_precision(requested: str) -> torch.dtype:
+    """The dtype FSDP2 reduce-scatters gradients in.
+
+    fp32 sums the ranks' gradients at full precision; bf16 halves the gradient traffic at the
+    cost of rounding each rank's contribution before the sum.
+    """
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if requested not in dtypes:
+        raise RsdinoError(f"train.reduce_precision={requested!r} is not one of {', '.join(dtypes)}")
+    return dtypes[requested]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
