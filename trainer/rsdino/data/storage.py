@@ -8,6 +8,7 @@ reaches the user names the object and what to do about it.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -16,9 +17,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -41,6 +43,7 @@ from botocore.exceptions import (
 from rsdino.errors import RsdinoError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 SUPPORTED_SCHEMES = ("s3://", "file://", "a plain local path")
 # Error codes S3-compatible servers use for "slow down", sometimes with a 400 status.
@@ -111,6 +114,10 @@ class Store(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def write(self, key: str, data: bytes) -> None: ...
+
+    def open_writer(self, key: str) -> AbstractContextManager[BinaryIO]: ...
+
+    def delete(self, key: str) -> None: ...
 
     def read_many(self, keys: list[str], max_workers: int = 8) -> Iterator[tuple[str, bytes]]: ...
 
@@ -187,6 +194,14 @@ class _StoreBase:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._reset_process_state()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalStore(_StoreBase):
@@ -279,6 +294,38 @@ class LocalStore(_StoreBase):
             raise
         self.counters.count_request("put", "ok")
         self.counters.count_bytes(written=len(data))
+
+    @contextmanager
+    def open_writer(self, key: str) -> Iterator[BinaryIO]:
+        """A file that appears under ``key`` complete (fsync + rename) when the block succeeds."""
+        path = self._path(key)
+        temp = path.with_name(f"{_TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temp, "xb") as file:
+                yield cast(BinaryIO, file)
+            _fsync_path(temp)  # the writer may have closed the file itself
+            written = temp.stat().st_size
+            os.replace(temp, path)
+        except OSError as exc:
+            raise self._fail("put", key, exc) from exc
+        finally:
+            temp.unlink(missing_ok=True)
+        self.counters.count_request("put", "ok")
+        self.counters.count_bytes(written=written)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (absent is fine) and the directories it leaves empty."""
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+            for parent in path.relative_to(self.root).parents[:-1]:
+                (self.root / parent).rmdir()
+        except OSError as exc:
+            if path.exists():
+                raise self._fail("delete", key, exc) from exc
+            # a parent still holds other files: it stays
+        self.counters.count_request("delete", "ok")
 
 
 class _IncompleteBodyError(Exception):
@@ -490,6 +537,108 @@ class S3Store(_StoreBase):
         params = {"Bucket": self.bucket, "Key": self.root_prefix + key, "Body": data}
         self._request("put", key, lambda client: client.put_object(**params))
         self.counters.count_bytes(written=len(data))
+
+    @contextmanager
+    def open_writer(self, key: str) -> Iterator[BinaryIO]:
+        """A stream uploaded in parts; the object appears only when the block succeeds.
+
+        A checkpoint shard can be several GB, more than one PUT takes (5 GB) and more than is
+        worth holding in memory twice, so data goes up in ``part_size`` pieces as it is written.
+        """
+        _check_key(key)
+        upload = _MultipartUpload(self, key)
+        try:
+            yield cast(BinaryIO, upload)
+            upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
+
+    def delete(self, key: str) -> None:
+        _check_key(key)
+        params = {"Bucket": self.bucket, "Key": self.root_prefix + key}
+        self._request("delete", key, lambda client: client.delete_object(**params), {"404": None})
+
+
+class _MultipartUpload:
+    """The write side of :meth:`S3Store.open_writer`: buffers one part, uploads it, repeats.
+
+    Objects smaller than one part go up as a single PUT. ``close`` is a no-op so that writers
+    that close what they write to (torch.distributed.checkpoint does) leave the commit to the
+    ``with`` block.
+    """
+
+    part_size = 64 * 1024 * 1024  # S3 allows 5 MiB .. 5 GiB per part and 10,000 parts
+
+    def __init__(self, store: S3Store, key: str) -> None:
+        self._store = store
+        self._key = key
+        self._object = {"Bucket": store.bucket, "Key": store.root_prefix + key}
+        self._buffer = bytearray()
+        self._written = 0
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._buffer += data
+        self._written += len(data)
+        while len(self._buffer) >= self.part_size:
+            self._upload_part(bytes(self._buffer[: self.part_size]))
+            del self._buffer[: self.part_size]
+        return len(data)
+
+    def tell(self) -> int:
+        return self._written
+
+    def flush(self) -> None:
+        """Parts go up as they fill; the last one waits for :meth:`complete`."""
+
+    def close(self) -> None:
+        """See the class docstring: completion belongs to the ``with`` block."""
+
+    def _upload_part(self, data: bytes) -> None:
+        store, key = self._store, self._key
+        if self._upload_id is None:
+            response = store._request(
+                "put", key, lambda client: client.create_multipart_upload(**self._object)
+            )
+            self._upload_id = response["UploadId"]
+        number = len(self._parts) + 1
+        params = {**self._object, "UploadId": self._upload_id, "PartNumber": number, "Body": data}
+        response = store._request("put", key, lambda client: client.upload_part(**params))
+        self._parts.append({"ETag": response["ETag"], "PartNumber": number})
+        store.counters.count_bytes(written=len(data))
+
+    def complete(self) -> None:
+        if self._upload_id is None:
+            self._store.write(self._key, bytes(self._buffer))
+            return
+        if self._buffer:
+            self._upload_part(bytes(self._buffer))
+            self._buffer.clear()
+        params = {
+            **self._object,
+            "UploadId": self._upload_id,
+            "MultipartUpload": {"Parts": self._parts},
+        }
+        self._store._request(
+            "put", self._key, lambda client: client.complete_multipart_upload(**params)
+        )
+
+    def abort(self) -> None:
+        """Best effort: a failed abort leaves parts that the bucket's lifecycle rules expire."""
+        if self._upload_id is None:
+            return
+        params = {**self._object, "UploadId": self._upload_id}
+        try:
+            self._store._request(
+                "put", self._key, lambda client: client.abort_multipart_upload(**params)
+            )
+        except StorageError as exc:
+            log.warning("could not abort the upload of %s: %s", self._key, exc)
 
 
 def _env_flag(name: str) -> bool:
