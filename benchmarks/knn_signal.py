@@ -22,9 +22,11 @@ import torch
 
 from rsdino.config.loader import load_config
 from rsdino.data.bands import BandNormalizer, band_stats
+from rsdino.data.storage import open_store
 from rsdino.data.synthetic import SyntheticLandCover
 from rsdino.eval.features import extract_cls_features
 from rsdino.eval.knn import knn_accuracy
+from rsdino.export import export_teacher, load_exported_encoder
 from rsdino.models.build import modalities
 from rsdino.ssl.meta_arch import SSLMetaArch
 from rsdino.train.loop import train
@@ -75,11 +77,12 @@ def main() -> int:
     started = time.perf_counter()
     result = train(cfg, args.output_dir, resume=False)
     train_seconds = time.perf_counter() - started
-    model = SSLMetaArch(cfg)
-    model.load_state_dict(torch.load(result.last_checkpoint, weights_only=True)["model"])
-    pretrained_acc = knn_of(
-        model.teacher["encoder"], cfg, args.train_samples, args.test_samples, args.k
+    # The teacher as downstream users get it: through `rsdino export`.
+    exported = export_teacher(
+        open_store(str(args.output_dir / "checkpoints")), args.output_dir / "teacher.safetensors"
     )
+    pretrained = load_exported_encoder(exported.path)
+    pretrained_acc = knn_of(pretrained, cfg, args.train_samples, args.test_samples, args.k)
 
     report = {
         "config": args.config,

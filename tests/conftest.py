@@ -9,6 +9,8 @@ import pytest
 from omegaconf import DictConfig
 
 from rsdino.config.loader import load_config
+from rsdino.data.storage import open_store
+from rsdino.train.checkpoint import CheckpointInfo, CheckpointStore, read_tensors
 
 TINY_OVERRIDES = [
     "train.device=cpu",
@@ -71,3 +73,13 @@ def tiny_multimodal_config(*extra: str) -> DictConfig:
         "quickstart_multimodal",
         [*TINY_OVERRIDES, "student.xattn.nhead=2", "student.xattn.nlayer=1", *extra],
     )
+
+
+def saved_tensors(checkpoints: Path | str, step: int, prefix: str = "model.") -> dict:
+    """Whole tensors under ``prefix`` of the step's checkpoint in a checkpoint root."""
+    store = CheckpointStore(open_store(str(checkpoints)))
+    return read_tensors(store, step, prefix)
+
+
+def saved_info(checkpoints: Path | str, step: int) -> CheckpointInfo:
+    return CheckpointStore(open_store(str(checkpoints))).read_info(step)

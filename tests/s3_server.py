@@ -93,6 +93,13 @@ class FaultyProxy:
         self.methods = set(methods)
         self.injected: Counter[str] = Counter()
         self.paths: list[tuple[str, str]] = []
+        # Set from the test while the proxy runs: requests whose path contains ``path_filter``
+        # (and whose method is in ``methods``) wait ``delay`` seconds, and get the fault
+        # ``outage`` until it is cleared or ``outage_left`` such requests have had it.
+        self.path_filter = ""
+        self.delay = 0.0
+        self.outage: str | None = None
+        self.outage_left: int | None = None
         self._scheduled = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
@@ -123,6 +130,13 @@ class FaultyProxy:
             self.paths.append((method, path))
             if method not in self.methods:
                 return None
+            if self.outage is not None and self.path_filter in path:
+                fault = self.outage
+                if self.outage_left is not None:
+                    self.outage_left -= 1
+                    if self.outage_left <= 0:
+                        self.outage = None
+                return fault
             fault = self.schedule[self._scheduled % len(self.schedule)]
             self._scheduled += 1
             return fault
@@ -144,6 +158,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         fault = proxy.next_fault(self.command, self.path)
+        if proxy.delay and proxy.path_filter in self.path and self.command in proxy.methods:
+            time.sleep(proxy.delay)
         if fault == "drop":
             proxy.record(fault)
             return

@@ -9,10 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
-from conftest import TINY_OVERRIDES, torchrun_train_command
+from conftest import TINY_OVERRIDES, saved_info, torchrun_train_command
 
-from rsdino.train.checkpoint import checkpoint_name
+from rsdino.train.checkpoint import MARKER, checkpoint_name
 
 STEPS = 30
 
@@ -35,7 +34,7 @@ def test_sigkill_of_one_worker_restarts_the_group_and_resumes(tmp_path: Path) ->
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    first_checkpoint = run / "checkpoints" / checkpoint_name(5)
+    first_checkpoint = run / "checkpoints" / checkpoint_name(5) / MARKER
     deadline = time.monotonic() + 120
     while not first_checkpoint.exists():
         assert agent.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
@@ -48,9 +47,9 @@ def test_sigkill_of_one_worker_restarts_the_group_and_resumes(tmp_path: Path) ->
     text = output.decode(errors="replace")
     assert agent.returncode == 0, text[-3000:]
     assert "resumed from" in text
-    final = torch.load(run / "checkpoints" / checkpoint_name(STEPS), weights_only=True)
-    assert final["step"] == STEPS
-    assert final["samples_seen"] == STEPS * 2 * 4  # every global batch counted once
+    final = saved_info(run / "checkpoints", STEPS)
+    assert final.step == STEPS
+    assert final.samples_seen == STEPS * 2 * 4  # every global batch counted once
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").open()]
     # The first attempt logged steps 1..5 (and maybe a few more before the kill); the restarted
     # group resumed from the step-5 checkpoint and logged 6..STEPS.

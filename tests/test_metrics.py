@@ -74,7 +74,9 @@ def test_exporter_serves_every_family_with_rank_labels(exporter) -> None:
     for step, (wait, duration) in enumerate([(0.01, 0.5), (0.02, 1.5)], start=7):
         metrics.observe_step(step, samples=4, data_wait=wait, duration=duration)
     metrics.observe_interval(LOSSES, SCHEDULE)
-    metrics.observe_checkpoint(8, seconds=2.0)
+    metrics.observe_checkpoint_stall(0.25)
+    metrics.observe_checkpoint(8, seconds=2.0, committed=True)
+    metrics.observe_checkpoint(10, seconds=9.0, committed=False)  # failed: counted, not "last"
     metrics.update_data_errors({"corrupt": 2})
     metrics.update_storage(
         {
@@ -116,6 +118,8 @@ def test_exporter_serves_every_family_with_rank_labels(exporter) -> None:
     assert value(samples, "rsdino_restarts") == 0
     assert value(samples, "rsdino_resumed_from_step") == 6
     assert value(samples, "rsdino_checkpoint_save_duration_seconds_sum") == 2.0
+    assert value(samples, "rsdino_checkpoint_stall_seconds_sum") == 0.25
+    assert value(samples, "rsdino_checkpoint_failures_total") == 1
     assert value(samples, "rsdino_last_checkpoint_step") == 8
     assert value(samples, "rsdino_last_checkpoint_timestamp_seconds") > 1.7e9
     assert value(samples, "rsdino_data_errors_total", kind="corrupt") == 2

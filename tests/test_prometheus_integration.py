@@ -40,6 +40,8 @@ FAMILIES = [
     "rsdino_restarts",
     "rsdino_resumed_from_step",
     "rsdino_checkpoint_save_duration_seconds_count",
+    "rsdino_checkpoint_stall_seconds_count",
+    "rsdino_checkpoint_failures_total",
     "rsdino_last_checkpoint_step",
     "rsdino_last_checkpoint_timestamp_seconds",
     "rsdino_data_errors_total",

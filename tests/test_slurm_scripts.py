@@ -17,10 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import TINY_OVERRIDES
-
-from rsdino.train.checkpoint import checkpoint_name
+from conftest import TINY_OVERRIDES, saved_info
 
 SLURM_DIR = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
 SUBMIT = SLURM_DIR / "submit.sh"
@@ -203,9 +200,9 @@ def test_sbatch_trains_two_real_ranks(tmp_path: Path, launcher: str) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"rendezvous localhost:{port}" in done.stderr
-    final = torch.load(run_dir / "checkpoints" / checkpoint_name(3), weights_only=True)
+    final = saved_info(run_dir / "checkpoints", 3)
     # 3 steps x 2 ranks x 4 samples per rank: both ranks trained in one process group.
-    assert final["samples_seen"] == 24
+    assert final.samples_seen == 24 and final.world_size == 2
     assert len((run_dir / "train_log.jsonl").read_text().splitlines()) == 3
 
 

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import saved_info, saved_tensors, tiny_config
 
 from rsdino.cli import main
-from rsdino.train.checkpoint import checkpoint_name
+from rsdino.train.checkpoint import MARKER, checkpoint_name
 from rsdino.train.loop import TrainingDivergedError, train
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _assert_states_equal(a: dict, b: dict) -> None:
@@ -46,10 +42,11 @@ def test_run_writes_config_log_and_checkpoints(finished_run: Path) -> None:
     for record in records:
         for name in ("total", "dino_global", "dino_local", "koleo", "lr", "teacher_temp"):
             assert torch.isfinite(torch.tensor(record[name])), name
-    state = _load(finished_run / "checkpoints" / checkpoint_name(6))
-    assert state["step"] == 6
-    assert "dino_loss.center" in state["model"]
-    assert any(k.startswith("teacher.encoder.backbones.s2.blocks.") for k in state["model"])
+    assert saved_info(finished_run / "checkpoints", 6).samples_seen == 6 * 4
+    model = saved_tensors(finished_run / "checkpoints", 6)
+    assert "dino_loss.center" in model
+    assert any(k.startswith("teacher.encoder.backbones.s2.blocks.") for k in model)
+    assert any(k.endswith(".exp_avg") for k in saved_tensors(finished_run / "checkpoints", 6, ""))
 
 
 def test_resume_reaches_bitwise_identical_weights(finished_run: Path, tmp_path: Path) -> None:
@@ -57,17 +54,13 @@ def test_resume_reaches_bitwise_identical_weights(finished_run: Path, tmp_path: 
     resumed = tmp_path / "resumed"
     shutil.copytree(finished_run, resumed)
     for step in (4, 6):
-        (resumed / "checkpoints" / checkpoint_name(step)).unlink()
+        shutil.rmtree(resumed / "checkpoints" / checkpoint_name(step))
     result = train(tiny_config(), resumed)
     assert result.resumed_from == 2
     assert result.final_step == 6
-    expected = _load(finished_run / "checkpoints" / checkpoint_name(6))
-    got = _load(resumed / "checkpoints" / checkpoint_name(6))
-    _assert_states_equal(expected["model"], got["model"])
-    for group_a, group_b in zip(
-        expected["optimizer"]["state"].values(), got["optimizer"]["state"].values(), strict=True
-    ):
-        _assert_states_equal(group_a, group_b)
+    # Model, centres and optimiser moments alike.
+    expected = saved_tensors(finished_run / "checkpoints", 6, "")
+    _assert_states_equal(expected, saved_tensors(resumed / "checkpoints", 6, ""))
 
 
 def test_corrupted_latest_checkpoint_falls_back_with_warning(
@@ -75,14 +68,16 @@ def test_corrupted_latest_checkpoint_falls_back_with_warning(
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    latest = run / "checkpoints" / checkpoint_name(6)
-    latest.write_bytes(latest.read_bytes()[:1000])  # a save cut short by a full disk
+    shard = run / "checkpoints" / checkpoint_name(6) / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])  # a file cut short after the commit
     with caplog.at_level(logging.WARNING):
         result = train(tiny_config(), run)
     assert result.resumed_from == 4
     assert "unreadable" in caplog.text and checkpoint_name(6) in caplog.text
-    expected = _load(finished_run / "checkpoints" / checkpoint_name(6))
-    _assert_states_equal(expected["model"], _load(latest)["model"])
+    # The unreadable checkpoint was left alone; the rerun rewrote step 6 from step 4.
+    _assert_states_equal(
+        saved_tensors(finished_run / "checkpoints", 6), saved_tensors(run / "checkpoints", 6)
+    )
 
 
 def test_no_resume_starts_fresh_and_keeps_old_checkpoints(
@@ -95,20 +90,43 @@ def test_no_resume_starts_fresh_and_keeps_old_checkpoints(
     assert result.final_step == 3
     archived = list(run.glob("checkpoints.old-*"))
     assert len(archived) == 1
-    assert (archived[0] / checkpoint_name(6)).is_file()
+    assert (archived[0] / checkpoint_name(6) / MARKER).is_file()
+
+
+def test_no_resume_refuses_a_checkpoint_dir_that_holds_checkpoints(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import TINY_OVERRIDES
+
+    before = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+    code = main(
+        [
+            "train",
+            "--config",
+            "quickstart",
+            "--output-dir",
+            str(tmp_path / "fresh"),
+            "--no-resume",
+            *TINY_OVERRIDES,
+            f"checkpoint.dir={finished_run / 'checkpoints'}",
+        ]
+    )
+    assert code == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == before
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     cfg = tiny_config("optim.base_lr=1e30", "optim.clip_grad=0", "checkpoint.every_steps=1")
     with pytest.raises(TrainingDivergedError, match=r"non-finite .*last good checkpoint"):
         train(cfg, tmp_path / "run")
-    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    saved = sorted(checkpoints.glob(f"step_*/{MARKER}"))
     assert saved, "the finite steps before the divergence were checkpointed"
-    for path in saved:
-        state = _load(path)
-        assert all(
-            torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()
-        )
+    for marker in saved:
+        step = int(marker.parent.name.removeprefix("step_"))
+        tensors = saved_tensors(checkpoints, step).values()
+        assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
 def test_cli_rejects_output_dir_that_is_a_file(
@@ -127,9 +145,9 @@ def test_cli_rejects_output_dir_that_is_a_file(
 def test_cli_rejects_unreadable_only_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ckpts = tmp_path / "run" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    (ckpts / checkpoint_name(2)).write_bytes(b"garbage")
+    garbage = tmp_path / "run" / "checkpoints" / checkpoint_name(2)
+    garbage.mkdir(parents=True)
+    (garbage / MARKER).write_bytes(b"garbage")
     from conftest import TINY_OVERRIDES
 
     code = main(
@@ -137,5 +155,5 @@ def test_cli_rejects_unreadable_only_checkpoint(
     )
     err = capsys.readouterr().err.strip()
     assert code == 1
-    assert "none of the 1 checkpoints" in err and "--no-resume" in err
-    assert (ckpts / checkpoint_name(2)).read_bytes() == b"garbage"
+    assert "none of the 1 complete checkpoints" in err and "--no-resume" in err
+    assert (garbage / MARKER).read_bytes() == b"garbage"

@@ -78,7 +78,46 @@ def _build_parser() -> argparse.ArgumentParser:
     from rsdino.data.commands import add_data_commands
 
     add_data_commands(sub)
+    _add_export_command(sub)
     return parser
+
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's teacher encoder(s) to one safetensors file",
+        description="Write the teacher encoder(s) of a complete checkpoint, with the run's "
+        "resolved config in the file's metadata (and beside it as OUT.yaml). Checkpoints on "
+        "S3 use the AWS_* environment (or the run config's train.storage).",
+    )
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--output-dir", metavar="DIR", type=Path, help="a run directory of rsdino train"
+    )
+    source.add_argument(
+        "--checkpoint-dir", metavar="URI", help="a checkpoint root: a path or s3://bucket/prefix"
+    )
+    export.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the newest complete)"
+    )
+    export.add_argument(
+        "--out", metavar="FILE", type=Path, required=True, help="the .safetensors file to write"
+    )
+    export.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from rsdino.data.storage import open_store
+    from rsdino.export import checkpoints_of_run, export_teacher
+
+    store = (
+        checkpoints_of_run(args.output_dir)
+        if args.output_dir is not None
+        else open_store(args.checkpoint_dir)
+    )
+    result = export_teacher(store, args.out, args.step)
+    print(f"wrote {result.path} (teacher encoder of {result.source}, step {result.step})")
+    return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:

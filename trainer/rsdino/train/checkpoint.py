@@ -1,118 +1,338 @@
-"""Single-process checkpoints that are either complete or invisible.
+"""Sharded checkpoints that count only once complete, written while training goes on.
 
-A checkpoint is written under a temporary name, flushed to disk, then renamed: the rename is
-atomic on POSIX filesystems, so a crash mid-save leaves at most a stray temporary file, never a
-broken ``step_*.pt``. Loading walks back from the newest file, so one unreadable checkpoint
-costs the steps since the previous one, not the run.
+Layout under the checkpoint root (a local/NFS directory or ``s3://bucket/prefix``)::
+
+    step_00001250/__0_0.distcp ...   one file per rank (torch.distributed.checkpoint)
+    step_00001250/.metadata          DCP's index of every tensor shard
+    step_00001250/rsdino-checkpoint.json   the commit marker, written last by rank 0
+
+A directory without the marker is a save that failed or was killed: it is never loaded, and it
+is deleted once a newer checkpoint is complete. Retention deletes the marker first, so a crash
+mid-deletion cannot leave a checkpoint that looks complete but is not. DCP stores every tensor
+with its global shape, so a checkpoint loads on any number of ranks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import re
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from rsdino.data.storage import LocalStore, StorageError, Store
 from rsdino.errors import RsdinoError
+from rsdino.train.dcp_store import StoreReader, StoreWriter
 
 log = logging.getLogger(__name__)
+# DCP warns on every single-process save and load; running alone is intended here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 
-_NAME = re.compile(r"^step_(\d{8,})\.pt$")
-REQUIRED_KEYS = ("step", "samples_seen", "model", "optimizer")
+# DCP reports a failure on any rank as CheckpointException, a BaseException (not an Exception).
+_SAVE_OR_LOAD_ERRORS = (Exception, CheckpointException)
+
+MARKER = "rsdino-checkpoint.json"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
 class CheckpointError(RsdinoError, RuntimeError):
     """No usable checkpoint could be read although some exist."""
 
 
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    path: Path
-    step: int
-    state: dict[str, Any]
-
-
 def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.pt"
+    return f"step_{step:08d}"
 
 
-class CheckpointManager:
-    """Saves, lists, prunes and loads ``step_XXXXXXXX.pt`` files in one directory."""
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the commit marker records besides the tensors."""
 
-    def __init__(self, directory: Path, keep: int) -> None:
+    step: int
+    samples_seen: int
+    world_size: int
+    config: str
+    rsdino_version: str
+
+    def to_json(self) -> str:
+        return json.dumps({**self.__dict__, "saved_at": time.time()}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointInfo:
+        fields = json.loads(text)
+        return cls(**{name: fields[name] for name in cls.__dataclass_fields__})
+
+
+class CheckpointStore:
+    """The checkpoint root: which checkpoints are complete, their markers, retention."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        if isinstance(store, LocalStore):
+            store.root.mkdir(parents=True, exist_ok=True)
+
+    def location(self, step: int) -> str:
+        return f"{self.store.uri.rstrip('/')}/{checkpoint_name(step)}"
+
+    def _keys_by_step(self) -> dict[int, list[str]]:
+        by_step: dict[int, list[str]] = {}
+        for key in self.store.list("step_"):
+            directory, _, _ = key.partition("/")
+            match = _STEP_DIR.match(directory)
+            if match:
+                by_step.setdefault(int(match.group(1)), []).append(key)
+        return by_step
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        keys = self._keys_by_step()
+        return sorted(step for step, names in keys.items() if self._marker(step) in names)
+
+    def _marker(self, step: int) -> str:
+        return f"{checkpoint_name(step)}/{MARKER}"
+
+    def read_info(self, step: int) -> CheckpointInfo:
+        return CheckpointInfo.from_json(self.store.read(self._marker(step)).decode())
+
+    def commit(self, info: CheckpointInfo) -> None:
+        """Write the marker: from here on the checkpoint counts (call after DCP finished)."""
+        self.store.write(self._marker(info.step), info.to_json().encode())
+
+    def remove(self, step: int) -> None:
+        """Delete one checkpoint, marker first."""
+        keys = self._keys_by_step().get(step, [])
+        marker = self._marker(step)
+        if marker in keys:
+            self.store.delete(marker)
+        for key in keys:
+            if key != marker:
+                self.store.delete(key)
+
+    def prune(self, keep: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop partial ones older than those."""
+        by_step = self._keys_by_step()
+        complete = sorted(step for step, keys in by_step.items() if self._marker(step) in keys)
+        for step in complete[:-keep]:
+            self.remove(step)
+        if complete:
+            for step in by_step:
+                if step < complete[-1] and step not in complete:
+                    self.remove(step)
+
+
+def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The sharded state (DTensors under FSDP2) keyed by parameter names, as DCP expects."""
+    return {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+    }
+
+
+@dataclass
+class _PendingSave:
+    info: CheckpointInfo
+    future: Future
+    started: float
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    """A save that ended: ``committed`` is False when it failed (and was reported)."""
+
+    step: int
+    location: str
+    committed: bool
+    seconds: float
+
+
+class Checkpointer:
+    """Saves (optionally in the background), commits, prunes and loads checkpoints.
+
+    At most one save is in flight: a new save first finishes the previous one. Every rank calls
+    every method; only rank 0 writes markers and deletes. A save that fails (storage down for
+    longer than the retries cover) is logged and reported by :meth:`poll`/:meth:`wait` as not
+    committed; training goes on and the next save tries again.
+    """
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        keep: int,
+        async_save: bool,
+        is_main: bool,
+        process_group: dist.ProcessGroup | None = None,
+        pinned_staging: bool = False,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = directory
+        self.store = store
         self.keep = keep
+        self.async_save = async_save
+        self.is_main = is_main
+        self.process_group = process_group
+        self.on_failure = on_failure
+        # One writer for the whole run: with pinned staging it reuses its host buffers.
+        self._writer = StoreWriter(store.store, "", cache_staged_state_dict=pinned_staging)
+        self._pending: _PendingSave | None = None
 
-    def complete_checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, path) of every complete checkpoint, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for path in self.directory.iterdir():
-            match = _NAME.match(path.name)
-            if match and path.is_file():
-                found.append((int(match.group(1)), path))
-        return sorted(found)
-
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / checkpoint_name(step)
-        tmp = self.directory / f".{final.name}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(state, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self._fsync_directory()
-        self._prune()
-        return final
-
-    def _fsync_directory(self) -> None:
-        """Make the rename itself durable, so a power loss cannot resurrect the old state."""
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _prune(self) -> None:
-        checkpoints = self.complete_checkpoints()
-        for _, path in checkpoints[: -self.keep]:
-            path.unlink(missing_ok=True)
-
-    def load_latest(self) -> LoadedCheckpoint | None:
-        """Newest readable checkpoint; unreadable ones are skipped with a warning (not deleted)."""
-        checkpoints = self.complete_checkpoints()
-        failures = []
-        for step, path in reversed(checkpoints):
+    def save(self, state: dict[str, Any], info: CheckpointInfo) -> SaveOutcome | None:
+        """Start saving ``state`` as step ``info.step``; returns the outcome of a save it ended."""
+        ended = self.wait()
+        name = checkpoint_name(info.step)
+        if self.is_main:
+            self._remove_leftovers(info.step)
+        started = time.perf_counter()
+        kwargs = {
+            "checkpoint_id": name,
+            "storage_writer": self._writer,
+            "process_group": self.process_group,
+            "no_dist": not dist.is_initialized(),
+        }
+        if self.async_save:
+            future = dcp.async_save(state, **kwargs)
+        else:
+            future = Future()
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                missing = [key for key in REQUIRED_KEYS if key not in state]
-                if missing:
-                    raise ValueError(f"missing entries {missing}")
-            except Exception as exc:  # any unreadable file: torch raises several types
-                failures.append(f"{path.name}: {exc}")
+                future.set_result(dcp.save(state, **kwargs))
+            except _SAVE_OR_LOAD_ERRORS as exc:  # reported like an async failure (_finish)
+                future.set_exception(exc)
+        self._pending = _PendingSave(info=info, future=future, started=started)
+        if not self.async_save:
+            return self.wait() or ended
+        return ended
+
+    def _remove_leftovers(self, step: int) -> None:
+        """Files of a killed attempt at this same step; if storage is down, the save reports it.
+
+        Every rank must still enter the save (its collectives need all ranks), so a failure here
+        is only logged.
+        """
+        try:
+            self.store.remove(step)
+        except StorageError as exc:
+            log.warning("could not clear %s before saving: %s", self.store.location(step), exc)
+
+    def poll(self) -> SaveOutcome | None:
+        """Finish the save in flight if its writing is done; never blocks."""
+        if self._pending is None or not self._pending.future.done():
+            return None
+        return self._finish()
+
+    def wait(self) -> SaveOutcome | None:
+        """Block until the save in flight (if any) is written and committed or failed."""
+        if self._pending is None:
+            return None
+        return self._finish()
+
+    def _finish(self) -> SaveOutcome:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        step, location = pending.info.step, self.store.location(pending.info.step)
+        try:
+            pending.future.result()
+            if self.is_main:
+                self.store.commit(pending.info)
+        except _SAVE_OR_LOAD_ERRORS as exc:  # storage or DCP failure: report, keep training
+            message = (
+                f"checkpoint {location} was not saved ({_first_line(exc)}); training goes on and "
+                "the next checkpoint retries. The previous complete checkpoint is untouched."
+            )
+            # Every rank sees the same DCP failure; one report in the log is enough.
+            log.log(logging.ERROR if self.is_main else logging.DEBUG, message)
+            if self.on_failure is not None:
+                self.on_failure(message)
+            return SaveOutcome(step, location, False, time.perf_counter() - pending.started)
+        seconds = time.perf_counter() - pending.started
+        if self.is_main:
+            log.info("checkpoint %s complete (%.2fs after the save began)", location, seconds)
+            try:
+                self.store.prune(self.keep)
+            except StorageError as exc:  # the next commit prunes again
+                log.warning("could not prune old checkpoints in %s: %s", self.store.store.uri, exc)
+        return SaveOutcome(step, location, True, seconds)
+
+    def load_latest(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> CheckpointInfo | None:
+        """Load the newest complete checkpoint that reads; older ones are fallbacks.
+
+        Every rank runs this; DCP shares any rank's read failure with all of them, so all ranks
+        fall back together.
+        """
+        steps = self.store.complete_steps()
+        failures = []
+        for step in reversed(steps):
+            location = self.store.location(step)
+            try:
+                info = self.store.read_info(step)
+                state = model_and_optimizer_state(model, optimizer)
+                dcp.load(
+                    state,
+                    storage_reader=StoreReader(self.store.store, checkpoint_name(step)),
+                    process_group=self.process_group,
+                    no_dist=not dist.is_initialized(),
+                )
+                set_model_state_dict(model, state["model"])
+                set_optimizer_state_dict(model, optimizer, state["optimizer"])
+            except _SAVE_OR_LOAD_ERRORS as exc:  # unreadable marker or shard: fall back
+                failures.append(f"{location}: {_first_line(exc)}")
                 log.warning(
                     "checkpoint %s is unreadable (%s); falling back to the previous one. "
-                    "The file is left in place for inspection.",
-                    path,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    "It is left in place for inspection.",
+                    location,
+                    _first_line(exc),
                 )
                 continue
-            return LoadedCheckpoint(path=path, step=step, state=state)
+            return info
         if failures:
             raise CheckpointError(
-                f"none of the {len(failures)} checkpoints in {self.directory} can be read "
-                f"({'; '.join(failures)[:500]}). Move them away to start over, or pass "
-                "--no-resume to start fresh (existing checkpoints are kept aside)."
+                f"none of the {len(failures)} complete checkpoints can be read "
+                f"({'; '.join(failures)[:600]}). Move them away to start over, or pass "
+                "--no-resume to start fresh."
             )
         return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line naming the cause; DCP's CheckpointException wraps each failing rank's error."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (cause, _) = next(iter(sorted(exc.failures.items())))
+        return f"rank {rank}: {_first_line(cause)}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_tensors(store: CheckpointStore, step: int, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor under ``prefix`` (e.g. ``model.teacher.encoder.``), whole, in one process.
+
+    For export and inspection: no model and no process group needed, whatever world size
+    wrote the checkpoint.
+    """
+    reader = StoreReader(store.store, checkpoint_name(step))
+    metadata = reader.read_metadata()
+    state = {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not state:
+        raise CheckpointError(f"{store.location(step)} holds no tensors under {prefix!r}")
+    dcp.load(state, storage_reader=StoreReader(store.store, checkpoint_name(step)), no_dist=True)
+    return {key.removeprefix(prefix): value for key, value in state.items()}

@@ -1,4 +1,4 @@
-"""FSDP2 sharding of the student/teacher pair and full-state (de)serialisation across ranks.
+"""FSDP2 sharding of the student/teacher pair.
 
 Every transformer block is its own FSDP unit (so only one block's full weights exist at a time),
 then each encoder and head; the teacher is sharded like the student, so the EMA update runs on
@@ -7,23 +7,12 @@ matching local shards without communication.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from rsdino.models.encoder import RemoteSensingEncoder
 from rsdino.ssl.meta_arch import SSLMetaArch
-
-_FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _blocks(encoder: RemoteSensingEncoder) -> list[nn.Module]:
@@ -36,13 +25,19 @@ def _blocks(encoder: RemoteSensingEncoder) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: SSLMetaArch, param_dtype: torch.dtype | None) -> None:
+def shard_model(
+    model: SSLMetaArch,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype = torch.float32,
+) -> None:
     """Apply ``fully_shard`` per block, per encoder/head, for student and teacher alike.
 
-    ``param_dtype`` is the compute dtype of the gathered weights (bf16 on GPUs); gradients are
-    always reduced in fp32, which keeps the update exact where it matters.
+    ``param_dtype`` is the compute dtype of the gathered weights (bf16 on GPUs; None keeps fp32)
+    and ``reduce_dtype`` the dtype gradients are reduce-scattered in. Together they replace
+    DINOv2's per-module ``compute_precision`` block: the sharded master weights and the optimiser
+    stay fp32 either way.
     """
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for side in (model.student, model.teacher):
         for name, module in side.items():
             if name == "encoder":
@@ -61,20 +56,3 @@ def reshard_teacher(model: SSLMetaArch) -> None:
     for module in model.teacher.values():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Unsharded model and optimiser state on the CPU (a collective: every rank calls it)."""
-    return {
-        "model": get_model_state_dict(model, options=_FULL_STATE),
-        "optimizer": get_optimizer_state_dict(model, optimizer, options=_FULL_STATE),
-    }
-
-
-def load_full_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    """Load an unsharded state into a model sharded over any number of ranks."""
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)

@@ -23,6 +23,7 @@ from rsdino.data.masking import IBotMasks, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
 from rsdino.data.stats import normalizer_stats
+from rsdino.data.storage import open_store
 from rsdino.data.stream import ShardStream
 from rsdino.data.worker_stats import WORKER_STATS_KEY, collate_with_worker_stats
 from rsdino.errors import RsdinoError
@@ -30,16 +31,23 @@ from rsdino.models.build import modalities
 from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
 from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
 from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
-from rsdino.train.checkpoint import CheckpointManager, checkpoint_name
+from rsdino.train.checkpoint import (
+    Checkpointer,
+    CheckpointInfo,
+    CheckpointStore,
+    SaveOutcome,
+    model_and_optimizer_state,
+)
 from rsdino.train.dist import DistContext, barrier, init_distributed, shutdown_distributed
-from rsdino.train.fsdp import full_state, load_full_state, reshard_teacher, shard_model
-from rsdino.train.metrics import start_metrics
-from rsdino.train.output_dir import output_paths, prepare_output_dir
+from rsdino.train.fsdp import reshard_teacher, shard_model
+from rsdino.train.metrics import DisabledMetrics, TrainingMetrics, start_metrics
+from rsdino.train.output_dir import OutputPaths, output_paths, prepare_output_dir
 from rsdino.train.progress import ProgressReporter
 from rsdino.train.runtime import (
     autocast,
     resolve_device,
     resolve_precision,
+    resolve_reduce_precision,
     step_generator,
     step_seed,
 )
@@ -55,7 +63,7 @@ class TrainingDivergedError(RsdinoError, RuntimeError):
 class TrainResult:
     final_step: int
     resumed_from: int | None
-    last_checkpoint: Path | None
+    last_checkpoint: str | None  # location of the newest complete checkpoint
     history: list[dict] = field(default_factory=list)
 
 
@@ -167,6 +175,19 @@ def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) ->
     return stream
 
 
+def open_checkpoint_store(cfg: DictConfig, paths: OutputPaths) -> CheckpointStore:
+    """``checkpoint.dir``, or the run directory's ``checkpoints/``; S3 as for the data."""
+    storage = cfg.train.storage
+    store = open_store(
+        cfg.checkpoint.dir or str(paths.checkpoints),
+        endpoint_url=storage.endpoint_url,
+        region=storage.region,
+        path_style=storage.path_style,
+        max_attempts=storage.max_attempts,
+    )
+    return CheckpointStore(store)
+
+
 def sample_masks(
     cfg: DictConfig, n_images: int, generator: torch.Generator, rows: Tensor
 ) -> IBotMasks | None:
@@ -199,7 +220,7 @@ def _clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
-def _check_finite(losses: dict[str, float], first_step: int, last_step: int, ckpt: Path | None):
+def _check_finite(losses: dict[str, float], first_step: int, last_step: int, ckpt: str | None):
     bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
     if not bad:
         return
@@ -240,7 +261,8 @@ class Trainer:
         torch.manual_seed(self.seed)  # the initial weights, identical on every rank
         self.model = SSLMetaArch(cfg).to(self.device)
         if self.ctx.distributed:
-            shard_model(self.model, self.amp_dtype)
+            reduce_dtype = resolve_reduce_precision(cfg.train.reduce_precision)
+            shard_model(self.model, self.amp_dtype, reduce_dtype)
         self.optimizer = make_optimizer(cfg, self.model)
         self.schedules = make_schedules(cfg, self.ctx.world_size)
         layout = cfg.train.dataset.s2_layout
@@ -252,20 +274,45 @@ class Trainer:
         }
         self.uses_time = cfg.student.temporal_embedding
         self.augment = make_augment(cfg)
-        self.checkpoints = CheckpointManager(self.paths.checkpoints, keep=cfg.checkpoint.keep)
-        self.start_step, self.last_checkpoint = 0, None
+        self.checkpointer = self._make_checkpointer(resume)
+        self.start_step: int = 0
+        self.last_checkpoint: str | None = None
         self.samples_seen = 0  # global sample position: where the data stream resumes
         if resume:
             self._restore()
 
+    def _make_checkpointer(self, resume: bool) -> Checkpointer:
+        store = open_checkpoint_store(self.cfg, self.paths)
+        if not resume and self.cfg.checkpoint.dir and store.complete_steps():
+            raise RsdinoError(
+                f"--no-resume, but checkpoint.dir={self.cfg.checkpoint.dir} already holds "
+                "checkpoints, which a fresh run would overwrite; point checkpoint.dir at a new "
+                "location (nothing was changed)"
+            )
+        return Checkpointer(
+            store,
+            keep=self.cfg.checkpoint.keep,
+            async_save=self.cfg.checkpoint.async_save,
+            is_main=self.ctx.is_main,
+            # Async saves run collectives from a background thread: they get their own gloo
+            # group, so they never interleave with the training step's collectives.
+            process_group=dist.new_group(backend="gloo") if self.ctx.distributed else None,
+            pinned_staging=self.device.type == "cuda",
+        )
+
     def _restore(self) -> None:
-        loaded = self.checkpoints.load_latest()
-        if loaded is None:
+        info = self.checkpointer.load_latest(self.model, self.optimizer)
+        if info is None:
             return
-        load_full_state(self.model, self.optimizer, loaded.state)
-        self.start_step, self.last_checkpoint = loaded.step, loaded.path
-        self.samples_seen = loaded.state["samples_seen"]
-        log.info("resumed from %s (step %d)", loaded.path, loaded.step)
+        self.start_step, self.samples_seen = info.step, info.samples_seen
+        self.last_checkpoint = self.checkpointer.store.location(info.step)
+        log.info(
+            "resumed from %s (step %d, saved by %d ranks, now %d)",
+            self.last_checkpoint,
+            info.step,
+            info.world_size,
+            self.ctx.world_size,
+        )
 
     def _views(self, batch: dict, step: int) -> SSLBatch:
         """Normalise, multi-crop, mask and drop modalities with the step's own random stream."""
@@ -332,22 +379,25 @@ class Trainer:
         self.model.update_teacher(schedules.momentum[step])
         return {**parts, "total": total.detach()}
 
-    def save(self, step: int) -> Path:
-        """Gather the full state (every rank takes part) and write it from rank 0."""
-        started = time.perf_counter()
-        state = full_state(self.model, self.optimizer)
-        path = self.paths.checkpoints / checkpoint_name(step)
-        if self.ctx.is_main:
-            state.update(
-                step=step,
-                samples_seen=self.samples_seen,
-                config=config_to_yaml(self.cfg),
-                rsdino_version=__version__,
-            )
-            path = self.checkpoints.save(step, state)
-            log.info("saved checkpoint %s in %.2fs", path, time.perf_counter() - started)
-        barrier()  # no rank moves on before the checkpoint is complete
-        return path
+    def save(self, step: int) -> SaveOutcome | None:
+        """Start a checkpoint of this step (every rank); returns a save that ended meanwhile."""
+        info = CheckpointInfo(
+            step=step,
+            samples_seen=self.samples_seen,
+            world_size=self.ctx.world_size,
+            config=config_to_yaml(self.cfg),
+            rsdino_version=__version__,
+        )
+        return self.checkpointer.save(model_and_optimizer_state(self.model, self.optimizer), info)
+
+    def _ended(
+        self, outcome: SaveOutcome | None, metrics: TrainingMetrics | DisabledMetrics
+    ) -> None:
+        if outcome is None:
+            return
+        metrics.observe_checkpoint(outcome.step, outcome.seconds, outcome.committed)
+        if outcome.committed:
+            self.last_checkpoint = outcome.location
 
     def _scalars(self, step: int) -> dict[str, float]:
         s = self.schedules
@@ -410,6 +460,9 @@ class Trainer:
                     losses = mean_over_ranks(running, done - window_start)
                     scalars = self._scalars(step)
                     metrics.observe_interval(losses, scalars)
+                    if not all(math.isfinite(value) for value in losses.values()):
+                        # A save still in flight holds the last good weights: commit it first.
+                        self._ended(self.checkpointer.wait(), metrics)
                     _check_finite(losses, window_start + 1, done, self.last_checkpoint)
                     window_start, running = done, {}
                     if self.ctx.is_main:
@@ -417,9 +470,12 @@ class Trainer:
                         result.history.append(record)
                 if is_ckpt_step:
                     started = time.perf_counter()
-                    self.last_checkpoint = self.save(done)
-                    metrics.observe_checkpoint(done, time.perf_counter() - started)
+                    self._ended(self.save(done), metrics)
+                    metrics.observe_checkpoint_stall(time.perf_counter() - started)
+                else:
+                    self._ended(self.checkpointer.poll(), metrics)
                 result.final_step = done
+            self._ended(self.checkpointer.wait(), metrics)
         finally:
             del batches  # stops the loader's worker processes
             metrics.close()

@@ -42,7 +42,7 @@ BASE_LABELS = ("rank", "local_rank", "node", "job")
 LOSS_COMPONENTS = ("dino_global", "dino_local", "ibot", "koleo", "total")
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DATA_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0)
-CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 # Every kind a source can count, exported at 0 from the start so rate() sees the first error.
 DATA_ERROR_KINDS = (DataError.kind, *(cls.kind for cls in DataError.__subclasses__()), "nan_filled")
 MLP_RATIO = 4.0  # the ViTs are built with DINOv2's default FFN width
@@ -286,8 +286,19 @@ class TrainingMetrics:
         self.checkpoint_seconds = family(
             Histogram,
             "rsdino_checkpoint_save_duration_seconds",
-            "Wall time to gather and write a checkpoint",
+            "Wall time from the start of a save to its commit (background writing included)",
             buckets=CHECKPOINT_BUCKETS,
+        )
+        self.checkpoint_stall = family(
+            Histogram,
+            "rsdino_checkpoint_stall_seconds",
+            "Time a save blocked the training loop (staging; the whole write when sync)",
+            buckets=CHECKPOINT_BUCKETS,
+        )
+        self.checkpoint_failures = family(
+            Counter,
+            "rsdino_checkpoint_failures_total",
+            "Checkpoint saves that failed and were skipped",
         )
         self.checkpoint_step = family(
             Gauge, "rsdino_last_checkpoint_step", "Step of the last complete checkpoint"
@@ -327,7 +338,8 @@ class TrainingMetrics:
         self.resumed_from.labels(**base).set(0)
         for family in (self.steps, self.samples, self.tokens, self.step_seconds, self.data_wait):
             family.labels(**base)  # zero-valued from the first scrape, so rate() has a start
-        self.checkpoint_seconds.labels(**base)
+        for family in (self.checkpoint_seconds, self.checkpoint_stall, self.checkpoint_failures):
+            family.labels(**base)
         for kind in DATA_ERROR_KINDS:
             self.data_errors.labels(**base, kind=kind)
 
@@ -417,9 +429,16 @@ class TrainingMetrics:
         for (_, operation), n in _counts_delta(seen, retries).items():
             self.storage_retries.labels(**base, operation=operation).inc(n)
 
-    def observe_checkpoint(self, step: int, seconds: float) -> None:
-        """After a checkpoint is complete on storage (every rank has passed the save barrier)."""
+    def observe_checkpoint_stall(self, seconds: float) -> None:
+        """The training loop's wait inside one save call."""
+        self.checkpoint_stall.labels(**self.base).observe(seconds)
+
+    def observe_checkpoint(self, step: int, seconds: float, committed: bool) -> None:
+        """A save ended: committed (complete on storage) or failed and skipped."""
         base = self.base
+        if not committed:
+            self.checkpoint_failures.labels(**base).inc()
+            return
         self.checkpoint_seconds.labels(**base).observe(seconds)
         self.checkpoint_step.labels(**base).set(step)
         self.checkpoint_time.labels(**base).set(time.time())
@@ -456,7 +475,10 @@ class DisabledMetrics:
     def update_storage(self, snapshot: Mapping[str, Any]) -> None:
         pass
 
-    def observe_checkpoint(self, step: int, seconds: float) -> None:
+    def observe_checkpoint_stall(self, seconds: float) -> None:
+        pass
+
+    def observe_checkpoint(self, step: int, seconds: float, committed: bool) -> None:
         pass
 
     def close(self) -> None:

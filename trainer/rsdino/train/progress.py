@@ -55,7 +55,13 @@ class ProgressReporter:
             samples_per_s,
             format_duration(eta),
         )
-        record = {"step": step, **losses, **scalars, "samples_per_s": samples_per_s}
+        record = {
+            "step": step,
+            **losses,
+            **scalars,
+            "samples_per_s": samples_per_s,
+            "time": time.time(),  # wall clock, to line the log up with other events
+        }
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         return record
