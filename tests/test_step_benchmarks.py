@@ -1,0 +1,177 @@
+"""The GPU session's scripts run end to end on the CPU with a tiny model (gpu_session.sh dry run).
+
+The session runs gpu_checks.py and step_time.py as subprocesses once per module; the tests read
+the JSON reports it leaves and check their fields against values worked out here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from unittest.mock import patch
+
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+
+from rsdino.train.metrics import StepCost
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+STEP_REPORTS = ("step_quickstart", "step_vitl16_short", "step_vitl16_short_ac")
+TINY_BATCH = 4  # the dry run's train.batch_size_per_gpu
+
+
+def load_script(name: str) -> ModuleType:
+    """A benchmark script as a module (registered first: its dataclasses look themselves up)."""
+    module_name = f"benchmark_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
+@pytest.fixture(scope="module")
+def session_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("gpu_session.sh needs bash and coreutils timeout")
+    out = tmp_path_factory.mktemp("gpu_out")
+    env = {**os.environ, "OUT": str(out), "GPU_SESSION_DRY_RUN": "1", "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_session.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def read_report(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_dry_run_writes_every_report_and_a_log(session_out: Path) -> None:
+    for name in ("gpu_checks", *STEP_REPORTS, "ckpt_stall"):
+        assert (session_out / f"{name}.json").is_file(), name
+    log = (session_out / "session.log").read_text()
+    assert "FAIL" not in log
+
+
+def test_checkpoint_stall_report(session_out: Path) -> None:
+    report = read_report(session_out, "ckpt_stall")
+    stall = report["stall"]
+    for mode in ("sync", "async"):
+        assert stall[mode]["checkpoints"] == 2
+        assert stall[mode]["stall_seconds_mean"] > 0
+        assert stall[mode]["checkpoint_bytes"] > 0
+        assert stall[mode]["complete_checkpoints"], mode
+    assert stall["none"]["checkpoints"] == 0 and stall["none"]["complete_checkpoints"] == []
+    assert stall["async_vs_sync_stall_ratio"] == pytest.approx(
+        stall["async"]["stall_seconds_mean"] / stall["sync"]["stall_seconds_mean"]
+    )
+    recovery = report["recovery"]
+    assert recovery["resumed_at_step"] == 3  # the step after the step-2 checkpoint
+    assert recovery["death_to_first_step_seconds"] > 0
+
+
+@pytest.mark.parametrize("name", STEP_REPORTS)
+def test_step_report_fields(session_out: Path, name: str) -> None:
+    report = read_report(session_out, name)
+    assert report["config"] == name.removeprefix("step_").removesuffix("_ac")
+    assert report["device"].startswith("cpu")
+    assert report["precision"] == "fp32"  # precision=auto stays fp32 on a CPU
+    assert (report["embed_dim"], report["depth"], report["batch_per_gpu"]) == (32, 2, TINY_BATCH)
+    assert report["activation_checkpointing"] is name.endswith("_ac")
+    assert (report["warmup_steps"], report["timed_steps"]) == (1, 2)
+    assert report["mean_step_s"] > 0 and report["median_step_s"] > 0
+    assert report["samples_per_s"] == pytest.approx(TINY_BATCH / report["mean_step_s"])
+    assert report["flops_per_step"] > 0
+    expected_tflops = report["flops_per_step"] / report["mean_step_s"] / 1e12
+    assert report["achieved_tflops"] == pytest.approx(expected_tflops)
+    # No known peak for a CPU, hence no MFU; no CUDA memory figure off CUDA.
+    assert report["peak_tflops"] is None and report["mfu"] is None
+    assert report["peak_memory_gib"] is None
+
+
+def test_step_reports_name_the_arch(session_out: Path) -> None:
+    quickstart = read_report(session_out, "step_quickstart")
+    vitl = read_report(session_out, "step_vitl16_short")
+    assert (quickstart["arch"], quickstart["patch_size"]) == ("vit_small", 8)
+    assert (vitl["arch"], vitl["patch_size"]) == ("vit_large", 16)
+
+
+def test_gpu_checks_report(session_out: Path) -> None:
+    report = read_report(session_out, "gpu_checks")
+    assert report["device"] == "cpu" and report["all_ok"] is True
+    transfer = report["transfer"]
+    assert transfer["shape"] == [TINY_BATCH, 13, 32, 32] and transfer["dtype"] == "uint16"
+    uint16_bytes = TINY_BATCH * 13 * 32 * 32 * 2
+    assert transfer["uint16_bytes"] == uint16_bytes
+    assert transfer["float32_bytes"] == 2 * uint16_bytes
+    assert transfer["bytes_saved_per_batch"] == uint16_bytes
+    assert transfer["normalized_max_abs_diff"] == 0.0  # same fp32 arithmetic on the same device
+    assert "uint16_gb_per_s" not in transfer  # bandwidth is a CUDA figure only
+    augment = report["augment"]
+    # 2 global views and 2 local views of 4 samples, crop-major.
+    assert augment["global_crops_shape"] == [2 * TINY_BATCH, 13, 32, 32]
+    assert augment["local_crops_shape"] == [2 * TINY_BATCH, 13, 16, 16]
+    assert augment["dtype"] == "float32" and augment["max_abs_diff_vs_cpu"] == 0.0
+    assert augment["samples_per_s"] > 0
+    bf16 = report["bf16_forward"]
+    assert bf16["depth"] == 2
+    # Autocast must round something (0 would mean it never ran in bf16), but stay within tolerance.
+    for key in ("relative_error_cls", "relative_error_patch"):
+        assert 0 < bf16[key] <= bf16["tolerance"]
+
+
+def test_default_peak_is_known_only_for_hopper_gpus() -> None:
+    step_time = load_script("step_time")
+    assert step_time.default_peak_tflops("NVIDIA H200") == 989.0
+    assert step_time.default_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert step_time.default_peak_tflops("NVIDIA A100-SXM4-80GB") is None
+    assert step_time.default_peak_tflops("cpu (x86_64)") is None
+
+
+def test_report_arithmetic_from_hand_picked_step_times() -> None:
+    step_time = load_script("step_time")
+    cfg = step_time.benchmark_config("quickstart", TINY_OVERRIDES)
+    measurement = step_time.Measurement(
+        device=torch.device("cpu"),
+        device_name="NVIDIA H200",
+        warmup_steps=2,
+        step_seconds=[0.5, 2.5, 0.6],
+        peak_memory_bytes=3 * 2**30,
+    )
+    flops = 5e13
+    with patch.object(step_time, "estimate_step_cost", return_value=StepCost(flops, 0)):
+        report = step_time.build_report(cfg, "quickstart", [], measurement, peak_tflops=None)
+    assert report["mean_step_s"] == pytest.approx(1.2)
+    assert report["median_step_s"] == pytest.approx(0.6)
+    assert report["samples_per_s"] == pytest.approx(TINY_BATCH / 1.2)
+    assert report["achieved_tflops"] == pytest.approx(50 / 1.2)
+    assert report["peak_tflops"] == 989.0  # the H200 default
+    assert report["mfu"] == pytest.approx(50 / 1.2 / 989)
+    assert report["peak_memory_gib"] == pytest.approx(3.0)
+    assert (report["warmup_steps"], report["timed_steps"]) == (2, 3)
+    with patch.object(step_time, "estimate_step_cost", return_value=StepCost(flops, 0)):
+        given = step_time.build_report(cfg, "quickstart", [], measurement, peak_tflops=100.0)
+    assert given["mfu"] == pytest.approx(50 / 1.2 / 100)
+
+
+def test_too_short_schedule_is_refused_before_building_anything() -> None:
+    step_time = load_script("step_time")
+    cfg = step_time.benchmark_config("quickstart", TINY_OVERRIDES)
+    # TINY_OVERRIDES schedule 2 epochs x 3 steps = 6 steps.
+    with pytest.raises(SystemExit, match="only 6 steps"):
+        step_time.measure(cfg, warmup=3, steps=4)
