@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -58,3 +59,49 @@ def test_checkpoint_from_two_ranks_resumes_on_another_world_size(
     assert final.samples_seen == 2 * 2 * 4 + 4 * new_world_size * 4
     assert final.world_size == new_world_size
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(run))
+
+
+def _elastic_agent(
+    output_dir: Path, port: int, *overrides: str, rdzv_conf: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """One "node" of an elastic job: torchrun with --nnodes=1:2 and c10d rendezvous."""
+    command = torchrun_train_command(
+        1,
+        output_dir,
+        *TINY_OVERRIDES,
+        *overrides,
+        torchrun_args=(
+            "--nnodes=1:2",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id=elastic-{port}",
+            *rdzv_conf,
+        ),
+    )
+    command.remove("--standalone")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def test_elastic_job_trains_on_two_nodes_then_resumes_on_one(tmp_path: Path) -> None:
+    """--nnodes=1:2: two agents form one group; later one agent alone resumes the run."""
+    run = tmp_path / "run"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agents = [_elastic_agent(run, port, "optim.epochs=1") for _ in range(2)]
+    for agent in agents:
+        output, _ = agent.communicate(timeout=240)
+        assert agent.returncode == 0, output.decode(errors="replace")[-3000:]
+    assert saved_info(run / "checkpoints", 3).world_size == 2
+
+    # Fewer than the maximum of nodes: rendezvous waits last_call_timeout for more (30 s by
+    # default), then starts with the one it has.
+    alone = _elastic_agent(
+        run, port + 1, "optim.epochs=2", rdzv_conf=("--rdzv-conf=last_call_timeout=2",)
+    )
+    output, _ = alone.communicate(timeout=240)
+    assert alone.returncode == 0, output.decode(errors="replace")[-3000:]
+    final = saved_info(run / "checkpoints", 6)
+    assert final.world_size == 1
+    assert final.samples_seen == 3 * 2 * 4 + 3 * 1 * 4  # 3 steps on 2 nodes, 3 on one
