@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RsdinoError as exc:
         print(f"rsdino: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -3,3 +3,5 @@
 
 class RsdinoError(Exception):
     """Raised with a message that names the thing at fault and what to do about it."""
+
+    exit_code = 1  # what the CLI exits with

@@ -42,6 +42,7 @@ from rsdino.train.dist import DistContext, barrier, init_distributed, shutdown_d
 from rsdino.train.fsdp import reshard_teacher, shard_model
 from rsdino.train.metrics import DisabledMetrics, TrainingMetrics, start_metrics
 from rsdino.train.output_dir import OutputPaths, output_paths, prepare_output_dir
+from rsdino.train.preemption import StopSignal, TrainingInterrupted
 from rsdino.train.progress import ProgressReporter
 from rsdino.train.runtime import (
     autocast,
@@ -390,6 +391,19 @@ class Trainer:
         )
         return self.checkpointer.save(model_and_optimizer_state(self.model, self.optimizer), info)
 
+    def _stop_after_checkpoint(self, step: int, metrics: TrainingMetrics | DisabledMetrics) -> None:
+        """SIGTERM: the checkpoint of ``step`` is under way; finish it, then stop."""
+        self._ended(self.checkpointer.wait(), metrics)
+        saved = self.last_checkpoint == self.checkpointer.store.location(step)
+        raise TrainingInterrupted(
+            f"stopped on SIGTERM after step {step}; "
+            + (
+                f"checkpoint {self.last_checkpoint} is complete, rerun to resume from it"
+                if saved
+                else f"its checkpoint failed, a rerun resumes from {self.last_checkpoint}"
+            )
+        )
+
     def _ended(
         self, outcome: SaveOutcome | None, metrics: TrainingMetrics | DisabledMetrics
     ) -> None:
@@ -436,6 +450,8 @@ class Trainer:
         metrics = start_metrics(cfg, self.ctx, preset=self.preset)
         batches = None
         window_start, running = self.start_step, {}
+        stop = StopSignal()
+        stop.install()
         try:
             metrics.set_resumed_from(self.start_step)
             loader = make_loader(cfg, self.samples_seen, self.ctx)
@@ -455,6 +471,7 @@ class Trainer:
                     done, self.batch_size, data_wait, time.perf_counter() - started
                 )
                 is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
+                stopping = False
                 if is_ckpt_step or done % cfg.train.log_every_steps == 0:
                     # The only host sync of the loop: averages over the interval and the ranks.
                     losses = mean_over_ranks(running, done - window_start)
@@ -468,15 +485,19 @@ class Trainer:
                     if self.ctx.is_main:
                         record = reporter.report(done, losses, scalars)
                         result.history.append(record)
-                if is_ckpt_step:
+                    stopping = stop.on_any_rank(self.device)
+                if is_ckpt_step or stopping:
                     started = time.perf_counter()
                     self._ended(self.save(done), metrics)
                     metrics.observe_checkpoint_stall(time.perf_counter() - started)
                 else:
                     self._ended(self.checkpointer.poll(), metrics)
                 result.final_step = done
+                if stopping:
+                    self._stop_after_checkpoint(done, metrics)
             self._ended(self.checkpointer.wait(), metrics)
         finally:
+            stop.restore()
             del batches  # stops the loader's worker processes
             metrics.close()
         result.last_checkpoint = self.last_checkpoint
