@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import pytest
@@ -73,6 +74,9 @@ def single_rank_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+        # The FSDP2 modules hold the group in reference cycles. Collect them here: if a later
+        # test's forked DataLoader worker collected them, the gloo destructor would hang there.
+        gc.collect()
 
 
 @pytest.mark.parametrize("block_chunks", [1, 2])
