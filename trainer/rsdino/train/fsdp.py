@@ -7,12 +7,20 @@ matching local shards without communication.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from rsdino.models.encoder import RemoteSensingEncoder
 from rsdino.ssl.meta_arch import SSLMetaArch
+
+# The encoders return slices of one normalised token tensor ([CLS], registers, patches). FSDP2
+# warns about any view output because an in-place op on it would skip the backward hook; no
+# caller modifies these outputs in place (the heads and losses are out-of-place), so the
+# warning is noise in every multi-GPU log.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def _blocks(encoder: RemoteSensingEncoder) -> list[nn.Module]:
