@@ -302,17 +302,19 @@ class Trainer:
         )
 
     def _restore(self) -> None:
+        started = time.perf_counter()
         info = self.checkpointer.load_latest(self.model, self.optimizer)
         if info is None:
             return
         self.start_step, self.samples_seen = info.step, info.samples_seen
         self.last_checkpoint = self.checkpointer.store.location(info.step)
         log.info(
-            "resumed from %s (step %d, saved by %d ranks, now %d)",
+            "resumed from %s (step %d, saved by %d ranks, now %d) in %.1fs",
             self.last_checkpoint,
             info.step,
             info.world_size,
             self.ctx.world_size,
+            time.perf_counter() - started,
         )
 
     def _views(self, batch: dict, step: int) -> SSLBatch:
