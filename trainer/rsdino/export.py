@@ -19,11 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rsdino.config.loader import ConfigError, load_config
-from rsdino.data.storage import Store, open_store
+from rsdino.data.storage import Store
 from rsdino.errors import RsdinoError
 from rsdino.models.build import build_encoder_from_config
 from rsdino.models.encoder import RemoteSensingEncoder
-from rsdino.train.checkpoint import CheckpointStore, read_tensors
+from rsdino.train.checkpoint import CheckpointStore, open_checkpoint_store, read_tensors
+from rsdino.train.output_dir import output_paths
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,13 @@ def export_teacher(checkpoints: Store, out: Path, step: int | None = None) -> Ex
 
 def checkpoints_of_run(output_dir: Path) -> Store:
     """The checkpoint root a run directory's ``config.yaml`` names (its ``checkpoint.dir``)."""
-    config = output_dir / "config.yaml"
+    config = output_paths(output_dir).config
     if not config.is_file():
         raise RsdinoError(
             f"{output_dir} has no config.yaml, so it is not an rsdino run directory; pass the "
             "--output-dir given to rsdino train, or --checkpoint-dir"
         )
-    cfg = load_config(str(config))
-    storage = cfg.train.storage
-    return open_store(
-        cfg.checkpoint.dir or str(output_dir / "checkpoints"),
-        endpoint_url=storage.endpoint_url,
-        region=storage.region,
-        path_style=storage.path_style,
-        max_attempts=storage.max_attempts,
-    )
+    return open_checkpoint_store(load_config(str(config)), output_dir).store
 
 
 def load_exported_encoder(path: Path) -> RemoteSensingEncoder:

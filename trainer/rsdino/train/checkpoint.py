@@ -22,11 +22,13 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -37,9 +39,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from rsdino.data.storage import LocalStore, StorageError, Store
+from rsdino.data.storage import LocalStore, StorageError, Store, open_store
 from rsdino.errors import RsdinoError
 from rsdino.train.dcp_store import StoreReader, StoreWriter
+from rsdino.train.output_dir import output_paths
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save and load; running alone is intended here.
@@ -134,6 +137,19 @@ class CheckpointStore:
             for step in by_step:
                 if step < complete[-1] and step not in complete:
                     self.remove(step)
+
+
+def open_checkpoint_store(cfg: DictConfig, output_dir: Path) -> CheckpointStore:
+    """``checkpoint.dir``, or the run directory's ``checkpoints/``; S3 as for the data."""
+    storage = cfg.train.storage
+    store = open_store(
+        cfg.checkpoint.dir or str(output_paths(output_dir).checkpoints),
+        endpoint_url=storage.endpoint_url,
+        region=storage.region,
+        path_style=storage.path_style,
+        max_attempts=storage.max_attempts,
+    )
+    return CheckpointStore(store)
 
 
 def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

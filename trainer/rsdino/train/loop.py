@@ -23,7 +23,6 @@ from rsdino.data.masking import IBotMasks, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
 from rsdino.data.stats import normalizer_stats
-from rsdino.data.storage import open_store
 from rsdino.data.stream import ShardStream
 from rsdino.data.worker_stats import WORKER_STATS_KEY, collate_with_worker_stats
 from rsdino.errors import RsdinoError
@@ -34,14 +33,14 @@ from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
 from rsdino.train.checkpoint import (
     Checkpointer,
     CheckpointInfo,
-    CheckpointStore,
     SaveOutcome,
     model_and_optimizer_state,
+    open_checkpoint_store,
 )
 from rsdino.train.dist import DistContext, barrier, init_distributed, shutdown_distributed
 from rsdino.train.fsdp import reshard_teacher, shard_model
 from rsdino.train.metrics import DisabledMetrics, TrainingMetrics, start_metrics
-from rsdino.train.output_dir import OutputPaths, output_paths, prepare_output_dir
+from rsdino.train.output_dir import output_paths, prepare_output_dir
 from rsdino.train.preemption import StopSignal, TrainingInterrupted
 from rsdino.train.progress import ProgressReporter
 from rsdino.train.runtime import (
@@ -176,19 +175,6 @@ def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) ->
     return stream
 
 
-def open_checkpoint_store(cfg: DictConfig, paths: OutputPaths) -> CheckpointStore:
-    """``checkpoint.dir``, or the run directory's ``checkpoints/``; S3 as for the data."""
-    storage = cfg.train.storage
-    store = open_store(
-        cfg.checkpoint.dir or str(paths.checkpoints),
-        endpoint_url=storage.endpoint_url,
-        region=storage.region,
-        path_style=storage.path_style,
-        max_attempts=storage.max_attempts,
-    )
-    return CheckpointStore(store)
-
-
 def sample_masks(
     cfg: DictConfig, n_images: int, generator: torch.Generator, rows: Tensor
 ) -> IBotMasks | None:
@@ -283,7 +269,7 @@ class Trainer:
             self._restore()
 
     def _make_checkpointer(self, resume: bool) -> Checkpointer:
-        store = open_checkpoint_store(self.cfg, self.paths)
+        store = open_checkpoint_store(self.cfg, self.paths.root)
         if not resume and self.cfg.checkpoint.dir and store.complete_steps():
             raise RsdinoError(
                 f"--no-resume, but checkpoint.dir={self.cfg.checkpoint.dir} already holds "
@@ -475,7 +461,8 @@ class Trainer:
                 is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
                 stopping = False
                 if is_ckpt_step or done % cfg.train.log_every_steps == 0:
-                    # The only host sync of the loop: averages over the interval and the ranks.
+                    # The loop's only host syncs: interval means over the ranks, and below
+                    # whether any rank got SIGTERM (two small all-reduces per interval).
                     losses = mean_over_ranks(running, done - window_start)
                     scalars = self._scalars(step)
                     metrics.observe_interval(losses, scalars)
