@@ -148,20 +148,18 @@ class _BrokenWrites(LocalStore):
 
 @pytest.mark.parametrize("async_save", [True, False])
 def test_failed_save_is_reported_and_keeps_the_previous_checkpoint(
-    tmp_path: Path, async_save: bool
+    tmp_path: Path, async_save: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     local = _BrokenWrites(tmp_path)
     store = CheckpointStore(local)
-    reported: list[str] = []
-    checkpointer = Checkpointer(
-        store, keep=1, async_save=async_save, is_main=True, on_failure=reported.append
-    )
+    checkpointer = Checkpointer(store, keep=1, async_save=async_save, is_main=True)
     _save(checkpointer, 1, 1.0)
     local.broken = True
     model, optimizer = _model(2.0)
     checkpointer.save(model_and_optimizer_state(model, optimizer), _info(2))
     outcome = checkpointer.wait()
     assert outcome is None or not outcome.committed  # sync saves report from save() itself
+    reported = [r.message for r in caplog.records if r.levelname == "ERROR"]
     assert len(reported) == 1 and "simulated outage" in reported[0]
     assert store.complete_steps() == [1]
     local.broken = False

@@ -19,7 +19,6 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +101,12 @@ class CheckpointStore:
                 by_step.setdefault(int(match.group(1)), []).append(key)
         return by_step
 
+    def _complete(self, by_step: dict[int, list[str]]) -> list[int]:
+        return sorted(step for step, keys in by_step.items() if self._marker(step) in keys)
+
     def complete_steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
-        keys = self._keys_by_step()
-        return sorted(step for step, names in keys.items() if self._marker(step) in names)
+        return self._complete(self._keys_by_step())
 
     def _marker(self, step: int) -> str:
         return f"{checkpoint_name(step)}/{MARKER}"
@@ -119,7 +120,9 @@ class CheckpointStore:
 
     def remove(self, step: int) -> None:
         """Delete one checkpoint, marker first."""
-        keys = self._keys_by_step().get(step, [])
+        self._delete(step, self._keys_by_step().get(step, []))
+
+    def _delete(self, step: int, keys: list[str]) -> None:
         marker = self._marker(step)
         if marker in keys:
             self.store.delete(marker)
@@ -129,14 +132,13 @@ class CheckpointStore:
 
     def prune(self, keep: int) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop partial ones older than those."""
-        by_step = self._keys_by_step()
-        complete = sorted(step for step, keys in by_step.items() if self._marker(step) in keys)
-        for step in complete[:-keep]:
-            self.remove(step)
+        by_step = self._keys_by_step()  # one listing for the whole pass
+        complete = self._complete(by_step)
+        doomed = complete[:-keep]
         if complete:
-            for step in by_step:
-                if step < complete[-1] and step not in complete:
-                    self.remove(step)
+            doomed += [step for step in by_step if step < complete[-1] and step not in complete]
+        for step in doomed:
+            self._delete(step, by_step[step])
 
 
 def open_checkpoint_store(cfg: DictConfig, output_dir: Path) -> CheckpointStore:
@@ -194,7 +196,6 @@ class Checkpointer:
         is_main: bool,
         process_group: dist.ProcessGroup | None = None,
         pinned_staging: bool = False,
-        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
@@ -203,7 +204,6 @@ class Checkpointer:
         self.async_save = async_save
         self.is_main = is_main
         self.process_group = process_group
-        self.on_failure = on_failure
         # One writer for the whole run: with pinned staging it reuses its host buffers.
         self._writer = StoreWriter(store.store, "", cache_staged_state_dict=pinned_staging)
         self._pending: _PendingSave | None = None
@@ -272,8 +272,6 @@ class Checkpointer:
             )
             # Every rank sees the same DCP failure; one report in the log is enough.
             log.log(logging.ERROR if self.is_main else logging.DEBUG, message)
-            if self.on_failure is not None:
-                self.on_failure(message)
             return SaveOutcome(step, location, False, time.perf_counter() - pending.started)
         seconds = time.perf_counter() - pending.started
         if self.is_main:
