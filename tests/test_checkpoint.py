@@ -159,7 +159,11 @@ def test_failed_save_is_reported_and_keeps_the_previous_checkpoint(
     checkpointer.save(model_and_optimizer_state(model, optimizer), _info(2))
     outcome = checkpointer.wait()
     assert outcome is None or not outcome.committed  # sync saves report from save() itself
-    reported = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    reported = [
+        r.message
+        for r in caplog.records
+        if r.name == "rsdino.train.checkpoint" and r.levelname == "ERROR"
+    ]
     assert len(reported) == 1 and "simulated outage" in reported[0]
     assert store.complete_steps() == [1]
     local.broken = False
