@@ -40,11 +40,11 @@ TINY_OVERRIDES = [
 def torchrun_train_command(
     n_procs: int, output_dir: Path, *overrides: str, torchrun_args: tuple[str, ...] = ()
 ) -> list[str]:
-    """`rsdino train --config quickstart` under torchrun with ``n_procs`` local ranks."""
+    """`rsdino train --config quickstart` under ``rsdino-torchrun`` with ``n_procs`` local ranks."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "rsdino.launch",
         "--standalone",
         f"--nproc-per-node={n_procs}",
         *torchrun_args,

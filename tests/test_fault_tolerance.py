@@ -75,7 +75,7 @@ def test_sigterm_saves_a_checkpoint_at_the_next_interval_then_exits_for_a_restar
     agent.send_signal(signal.SIGTERM)
     output, _ = agent.communicate(timeout=120)
     text = output.decode(errors="replace")
-    assert agent.returncode != 0, "a preempted job must not look finished"
+    assert agent.returncode == 143, "a preempted job must exit for a restart, not look finished"
     assert "stopped on SIGTERM after step" in text, text[-3000:]
 
     steps = [json.loads(line)["step"] for line in log_path.open()]

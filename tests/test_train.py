@@ -12,6 +12,7 @@ import torch
 from conftest import saved_info, saved_tensors, tiny_config
 
 from rsdino.cli import main
+from rsdino.errors import ExitCode
 from rsdino.train.checkpoint import MARKER, checkpoint_name
 from rsdino.train.loop import TrainingDivergedError, train
 
@@ -136,7 +137,7 @@ def test_cli_rejects_output_dir_that_is_a_file(
     target.write_text("not a directory")
     code = main(["train", "--config", "quickstart", "--output-dir", str(target)])
     err = capsys.readouterr().err.strip()
-    assert code == 1
+    assert code == ExitCode.CHECKPOINT
     assert len(err.splitlines()) == 1
     assert "is a file" in err and "--output-dir" in err
     assert target.read_text() == "not a directory"
@@ -154,6 +155,6 @@ def test_cli_rejects_unreadable_only_checkpoint(
         ["train", "--config", "quickstart", "--output-dir", str(tmp_path / "run"), *TINY_OVERRIDES]
     )
     err = capsys.readouterr().err.strip()
-    assert code == 1
+    assert code == ExitCode.CHECKPOINT
     assert "none of the 1 complete checkpoints" in err and "--no-resume" in err
     assert (garbage / MARKER).read_bytes() == b"garbage"

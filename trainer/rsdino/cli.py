@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rsdino import __version__
-from rsdino.config.loader import ConfigError, available_presets, config_to_yaml, load_config
-from rsdino.errors import RsdinoError
+from rsdino.config.loader import available_presets, config_to_yaml, load_config
+from rsdino.error_boundary import run_reporting_errors
 
 log = logging.getLogger("rsdino")
 
@@ -35,6 +35,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="DINOv2 self-supervised pretraining for multimodal remote sensing.",
     )
     parser.add_argument("--version", action="version", version=f"rsdino {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an error, not only its line"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser(
@@ -132,8 +135,20 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting ``train`` options stand between its key=value overrides."""
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = _parse_args(argv)
     is_main_process = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     logging.basicConfig(
         level=logging.INFO if is_main_process else logging.WARNING,
@@ -141,14 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
-    try:
-        return args.handler(args)
-    except ConfigError as exc:
-        print(f"rsdino: config error: {exc}", file=sys.stderr)
-        return 2
-    except RsdinoError as exc:
-        print(f"rsdino: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_reporting_errors(lambda: args.handler(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ from omegaconf.errors import OmegaConfBaseException
 from rsdino.config.schema import RootConfig
 from rsdino.config.validate import validate_config
 from rsdino.data.sources.dataset_string import parse_dataset_string
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
 
 
 class ConfigError(RsdinoError, ValueError):
     """A config problem the user has to fix; the message names the key and the source."""
+
+    exit_code = ExitCode.CONFIG
+    label = "config error"
 
 
 # DINOv2 config sections that rsdino replaces by simpler keys: a research-fork config that still

@@ -79,6 +79,7 @@ class TrainConfig:
     reduce_precision: str = MISSING
     activation_checkpointing: bool = MISSING
     log_every_steps: int = MISSING
+    collective_timeout_s: int = MISSING
 
 
 @dataclass

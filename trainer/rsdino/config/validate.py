@@ -201,6 +201,7 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _check(problems, train.num_workers >= 0, "train.num_workers must be >= 0")
     _check(problems, train.OFFICIAL_EPOCH_LENGTH >= 1, "train.OFFICIAL_EPOCH_LENGTH must be >= 1")
     _check(problems, train.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+    _check(problems, train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     _choice(problems, "train.centering", train.centering, CENTERING_MODES)
     _choice(problems, "train.device", train.device, DEVICES)
     _choice(problems, "train.precision", train.precision, PRECISIONS)

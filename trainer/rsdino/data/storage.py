@@ -40,7 +40,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -55,6 +55,14 @@ _TEMP_PREFIX = ".rsdino-tmp-"
 
 class StorageError(RsdinoError):
     """A storage operation failed for good; the message names the object and the fix."""
+
+    exit_code = ExitCode.STORAGE
+
+
+class StorageUnavailableError(StorageError):
+    """The store kept failing transiently (5xx, throttling, network) through every retry."""
+
+    exit_code = ExitCode.UNAVAILABLE
 
 
 @dataclass
@@ -453,7 +461,7 @@ class S3Store(_StoreBase):
                 return result
         self.counters.count_error(operation)
         endpoint = self.endpoint_url or "the default AWS endpoint"
-        raise StorageError(
+        raise StorageUnavailableError(
             f"{operation} {self._describe(key)} failed after {self.max_attempts} attempts "
             f"(last error {last_error}); check the endpoint {endpoint} and the network, "
             "or raise max_attempts"

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from rsdino.data.storage import LocalStore, StorageError, Store, open_store
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
 from rsdino.train.dcp_store import StoreReader, StoreWriter
 from rsdino.train.output_dir import output_paths
 
@@ -56,6 +56,8 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 class CheckpointError(RsdinoError, RuntimeError):
     """No usable checkpoint could be read although some exist."""
+
+    exit_code = ExitCode.CHECKPOINT
 
 
 def checkpoint_name(step: int) -> str:

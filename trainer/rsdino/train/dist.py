@@ -13,9 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+class DistributedError(RsdinoError):
+    """The process group could not be formed; a restart joins a new rendezvous."""
+
+    exit_code = ExitCode.UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ def init_distributed(
                 device_id=device if device.type == "cuda" else None,
             )
         except (RuntimeError, ValueError) as exc:
-            raise RsdinoError(
+            raise DistributedError(
                 f"rank {rank} of {world_size} could not join the process group at "
                 f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')} "
                 f"({backend}): {exc}. Check that every node can reach that address and that all "

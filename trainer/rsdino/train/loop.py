@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from rsdino.data.sampler import ResumableShuffleSampler
 from rsdino.data.stats import normalizer_stats
 from rsdino.data.stream import ShardStream
 from rsdino.data.worker_stats import WORKER_STATS_KEY, collate_with_worker_stats
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
 from rsdino.models.build import modalities
 from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
 from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
@@ -41,7 +43,7 @@ from rsdino.train.dist import DistContext, barrier, init_distributed, shutdown_d
 from rsdino.train.fsdp import reshard_teacher, shard_model
 from rsdino.train.metrics import DisabledMetrics, TrainingMetrics, start_metrics
 from rsdino.train.output_dir import output_paths, prepare_output_dir
-from rsdino.train.preemption import StopSignal, TrainingInterrupted
+from rsdino.train.preemption import StopSignal, TrainingInterrupted, ignore_stop_signals
 from rsdino.train.progress import ProgressReporter
 from rsdino.train.runtime import (
     autocast,
@@ -57,6 +59,8 @@ log = logging.getLogger("rsdino")
 
 class TrainingDivergedError(RsdinoError, RuntimeError):
     """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+    exit_code = ExitCode.DIVERGED
 
 
 @dataclass
@@ -131,6 +135,9 @@ def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataL
         "pin_memory": ctx.device.type == "cuda",
         "persistent_workers": workers > 0,
         "prefetch_factor": 4 if workers > 0 else None,
+        # A signal sent to the whole process group must not kill the workers mid-batch: the
+        # training process handles it and shuts them down after its checkpoint.
+        "worker_init_fn": ignore_stop_signals if workers > 0 else None,
     }
     if cfg.train.dataset.source == "shards":
         stream = open_shard_stream(cfg, start_position, ctx)
@@ -232,7 +239,10 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.preset = preset or "default"
-        self.ctx = init_distributed(resolve_device(cfg.train.device))
+        self.ctx = init_distributed(
+            resolve_device(cfg.train.device),
+            datetime.timedelta(seconds=cfg.train.collective_timeout_s),
+        )
         self.device = self.ctx.device
         if self.ctx.is_main:
             self.paths = prepare_output_dir(output_dir, archive_checkpoints=not resume)
@@ -379,17 +389,20 @@ class Trainer:
         )
         return self.checkpointer.save(model_and_optimizer_state(self.model, self.optimizer), info)
 
-    def _stop_after_checkpoint(self, step: int, metrics: TrainingMetrics | DisabledMetrics) -> None:
-        """SIGTERM: the checkpoint of ``step`` is under way; finish it, then stop."""
+    def _stop_after_checkpoint(
+        self, step: int, signum: int, metrics: TrainingMetrics | DisabledMetrics
+    ) -> None:
+        """A stop signal: the checkpoint of ``step`` is under way; finish it, then stop."""
         self._ended(self.checkpointer.wait(), metrics)
         saved = self.last_checkpoint == self.checkpointer.store.location(step)
         raise TrainingInterrupted(
-            f"stopped on SIGTERM after step {step}; "
+            f"stopped on {signal.Signals(signum).name} after step {step}; "
             + (
                 f"checkpoint {self.last_checkpoint} is complete, rerun to resume from it"
                 if saved
                 else f"its checkpoint failed, a rerun resumes from {self.last_checkpoint}"
-            )
+            ),
+            signum,
         )
 
     def _ended(
@@ -410,7 +423,8 @@ class Trainer:
             "teacher_temp": s.teacher_temp[step],
         }
 
-    def run(self) -> TrainResult:
+    def run(self, stop: StopSignal | None = None) -> TrainResult:
+        """Train to the last step; ``stop`` (installed by the caller) ends it early on a signal."""
         cfg, steps = self.cfg, self.total_steps
         result = TrainResult(
             final_step=self.start_step,
@@ -438,8 +452,7 @@ class Trainer:
         metrics = start_metrics(cfg, self.ctx, preset=self.preset)
         batches = None
         window_start, running = self.start_step, {}
-        stop = StopSignal()
-        stop.install()
+        stop = stop or StopSignal()
         try:
             metrics.set_resumed_from(self.start_step)
             loader = make_loader(cfg, self.samples_seen, self.ctx)
@@ -459,7 +472,7 @@ class Trainer:
                     done, self.batch_size, data_wait, time.perf_counter() - started
                 )
                 is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
-                stopping = False
+                stopping: int | None = None
                 if is_ckpt_step or done % cfg.train.log_every_steps == 0:
                     # The loop's only host syncs: interval means over the ranks, and below
                     # whether any rank got SIGTERM (two small all-reduces per interval).
@@ -475,18 +488,17 @@ class Trainer:
                         record = reporter.report(done, losses, scalars)
                         result.history.append(record)
                     stopping = stop.on_any_rank(self.device)
-                if is_ckpt_step or stopping:
+                if is_ckpt_step or stopping is not None:
                     started = time.perf_counter()
                     self._ended(self.save(done), metrics)
                     metrics.observe_checkpoint_stall(time.perf_counter() - started)
                 else:
                     self._ended(self.checkpointer.poll(), metrics)
                 result.final_step = done
-                if stopping:
-                    self._stop_after_checkpoint(done, metrics)
+                if stopping is not None:
+                    self._stop_after_checkpoint(done, stopping, metrics)
             self._ended(self.checkpointer.wait(), metrics)
         finally:
-            stop.restore()
             del batches  # stops the loader's worker processes
             metrics.close()
         result.last_checkpoint = self.last_checkpoint
@@ -507,7 +519,14 @@ def train(
     cfg: DictConfig, output_dir: Path, resume: bool = True, preset: str | None = None
 ) -> TrainResult:
     """Run (or resume) the pretraining described by ``cfg``; ``preset`` names it in metrics."""
-    result = Trainer(cfg, output_dir, resume, preset).run()
+    # Installed before the model is built: a signal that arrives during start-up is honoured at
+    # the first logging step instead of killing the process.
+    stop = StopSignal()
+    stop.install()
+    try:
+        result = Trainer(cfg, output_dir, resume, preset).run(stop)
+    finally:
+        stop.restore()
     # An explicit teardown on success: a process group left to interpreter exit can abort the
     # process (std::terminate in gloo's threads) after training has finished. On failure the
     # process exits without waiting for the other ranks, so torchrun notices and restarts them.

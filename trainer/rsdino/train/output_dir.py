@@ -8,13 +8,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
 
 log = logging.getLogger("rsdino")
 
 
 class OutputDirError(RsdinoError, ValueError):
     """The output directory cannot be used; the message says why and what to do."""
+
+    exit_code = ExitCode.CHECKPOINT
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import rasterio.session
 from PIL import Image
 
 from rsdino.data.bands import S1_BANDS
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class DataError(RsdinoError):
     """A sample whose files cannot be used; `kind` names what is wrong and `key` which file."""
 
     kind = "data"
+    exit_code = ExitCode.DATA
 
     def __init__(self, key: str, problem: str, remedy: str) -> None:
         super().__init__(f"{key}: {problem}; {remedy}")
