@@ -8,7 +8,9 @@ the number of saves), which also counts what the background writer takes from th
 Recovery: ``rsdino train`` under ``torchrun --max-restarts=1`` with ``--procs`` ranks; once the
 first checkpoint is complete and a few more steps are logged, one worker gets SIGKILL. Reported:
 seconds from the kill to the first step the restarted group logs (process start, rendezvous,
-model build, checkpoint load and one step included).
+model build, checkpoint load and one step included). torchrun runs in a session of its own;
+at the end it and every process below it are killed and awaited before the temporary
+directory they write into is deleted.
 
     python benchmarks/checkpoint_stall.py                       # CPU, quickstart
     python benchmarks/checkpoint_stall.py --config vitl16_short --procs 1 train.device=cuda
@@ -17,6 +19,7 @@ model build, checkpoint load and one step included).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from omegaconf import DictConfig
@@ -106,9 +109,80 @@ def measure_stall(cfg: DictConfig, steps: int, every: int, workdir: Path) -> dic
     return results
 
 
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    """Every live process as pid -> (parent pid, state letter, start time), from /proc (Linux)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it exited while the table was read
+            continue
+        # The command name (in parentheses) may hold spaces; the fields after it do not.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), fields[0], fields[19])
+    return table
+
+
+def _descendants(pid: int, table: dict[int, tuple[int, str, str]]) -> list[int]:
+    """Children, grandchildren, ... of ``pid`` in ``table``, parents before their children."""
+    found: list[int] = []
+    parents = [pid]
+    while parents:
+        children = [child for child, row in table.items() if row[0] in parents]
+        found.extend(children)
+        parents = children
+    return found
+
+
 def _children(pid: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(line) for line in found.split()]
+    table = _process_table()
+    return [child for child, row in table.items() if row[0] == pid]
+
+
+def _kill_tree(launcher: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL the launcher and every process below it, and return once none of them is left.
+
+    torchrun starts each worker in a session of its own, so killing torchrun's process group
+    misses them, and a worker whose launcher died is re-parented and keeps writing into the run
+    directory. So the tree is frozen first: every process found gets SIGSTOP (a stopped process
+    cannot fork), the search repeats until it finds nothing new, and only then all get SIGKILL.
+    The workers are not our children, so their end is awaited in /proc (a zombie counts as gone).
+    """
+    if launcher.poll() is not None:
+        return  # it ended (and was reaped) on its own, after its workers
+    frozen: dict[int, str] = {}  # pid -> start time, which tells a reused pid apart
+    os.killpg(launcher.pid, signal.SIGSTOP)  # the launcher and its own process group
+    while True:
+        table = _process_table()
+        if launcher.pid in table:
+            frozen.setdefault(launcher.pid, table[launcher.pid][2])
+        new = [pid for pid in _descendants(launcher.pid, table) if pid not in frozen]
+        if not new:
+            break
+        for pid in new:
+            frozen[pid] = table[pid][2]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+    os.killpg(launcher.pid, signal.SIGKILL)  # still ours to signal: not reaped yet
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launcher.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        table = _process_table()
+        alive = [
+            pid
+            for pid, started in frozen.items()
+            if pid in table and table[pid][2] == started and table[pid][1] != "Z"
+        ]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes {alive} of the recovery run outlived SIGKILL")
+        time.sleep(0.02)
 
 
 def _log_records(path: Path) -> list[dict]:
@@ -116,6 +190,39 @@ def _log_records(path: Path) -> list[dict]:
         return []
     lines = path.read_text().splitlines()
     return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def _output_of(agent: subprocess.Popen, output: IO[bytes]) -> str:
+    """The end of what the launcher and its workers printed, once none of them is left."""
+    _kill_tree(agent)
+    output.seek(0)
+    return output.read().decode(errors="replace")[-3000:]
+
+
+def _kill_one_worker_and_wait(
+    agent: subprocess.Popen, output: IO[bytes], run: Path, every: int, timeout: float
+) -> tuple[float, list[dict]]:
+    """SIGKILL a worker after the first checkpoint; the kill time and the resumed step's record."""
+    deadline = time.monotonic() + timeout
+    marker = run / "checkpoints" / checkpoint_name(every) / "rsdino-checkpoint.json"
+    log_path = run / "train_log.jsonl"
+    while not marker.exists() or len(_log_records(log_path)) < every + 2:
+        if agent.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(_output_of(agent, output))
+        time.sleep(0.02)
+    workers = _children(agent.pid)
+    killed_at = time.time()
+    os.kill(workers[-1], signal.SIGKILL)
+    while True:
+        after = [r for r in _log_records(log_path) if r["time"] > killed_at]
+        # Steps that were already in flight may still log just after the kill; the
+        # restarted group's first step is the one after the checkpoint it resumed from.
+        resumed = [r for r in after if r["step"] <= every + 1]
+        if resumed:
+            return killed_at, resumed
+        if agent.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(_output_of(agent, output))
+        time.sleep(0.02)
 
 
 def measure_recovery(
@@ -141,31 +248,16 @@ def measure_recovery(
         f"checkpoint.every_steps={every}",
         "metrics.enabled=false",
     ]
-    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    marker = run / "checkpoints" / checkpoint_name(every) / "rsdino-checkpoint.json"
-    log_path = run / "train_log.jsonl"
-    try:
-        while not marker.exists() or len(_log_records(log_path)) < every + 2:
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(agent.communicate()[0].decode(errors="replace")[-3000:])
-            time.sleep(0.02)
-        workers = _children(agent.pid)
-        killed_at = time.time()
-        os.kill(workers[-1], signal.SIGKILL)
-        while True:
-            after = [r for r in _log_records(log_path) if r["time"] > killed_at]
-            # Steps that were already in flight may still log just after the kill; the
-            # restarted group's first step is the one after the checkpoint it resumed from.
-            resumed = [r for r in after if r["step"] <= every + 1 and r["time"] > killed_at]
-            if resumed:
-                break
-            if agent.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(agent.communicate()[0].decode(errors="replace")[-3000:])
-            time.sleep(0.02)
-    finally:
-        agent.kill()
-        agent.wait()
+    # A file, not a pipe, takes the output: nobody reads it until the end, and a full pipe
+    # would block the workers. Its own session: signals meant for the benchmark skip it.
+    with tempfile.TemporaryFile() as output:
+        agent = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            killed_at, resumed = _kill_one_worker_and_wait(agent, output, run, every, timeout)
+        finally:
+            _kill_tree(agent)  # before anyone deletes the run directory they write into
     return {
         "procs": procs,
         "resumed_at_step": resumed[0]["step"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,10 @@ def test_top_level_help_lists_train() -> None:
     [
         (["train", "--config", "does_not_exist"], "unknown preset 'does_not_exist'"),
         (["train", "--config", "quickstart", "optim.nope=1"], "optim.nope"),
+        (
+            ["train", "--config", "quickstart", "optim.base_lr=[1,"],
+            "override optim.base_lr: the value '[1,' is not valid YAML",
+        ),
     ],
 )
 def test_config_errors_are_one_line(
@@ -49,3 +54,23 @@ def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--config", "quickstart", "--print-config", "optim.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 3" in out
+
+
+def test_a_malformed_yaml_file_is_one_line_naming_the_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "run.yaml"
+    bad.write_text("optim:\n  base_lr: [1,\n")
+    assert main(["train", "--config", str(bad), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"rsdino: config error: config file '{bad}' is not valid YAML: did not find expected "
+        "node content (line 3, column 1)"
+    )
+
+
+def test_options_may_stand_between_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--config", "quickstart", "optim.epochs=3", "--print-config", "train.seed=7"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "seed: 7" in out

@@ -87,3 +87,37 @@ def test_malformed_override() -> None:
 def test_impossible_values_fail_with_key(override: str, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         load_config("quickstart", [override])
+
+
+GEOTIFF = ["train.dataset.source=geotiff", "train.dataset.uri=/data/tiles"]
+
+
+def test_geotiff_bands_pick_a_subset_that_sets_in_chans() -> None:
+    cfg = load_config("quickstart", [*GEOTIFF, "train.dataset.bands=[2,3,4]", "student.in_chans=3"])
+    assert list(cfg.train.dataset.bands) == [2, 3, 4] and cfg.student.in_chans == 3
+    with pytest.raises(ConfigError, match=r"student\.in_chans=13 but .*bands=\[2, 3, 4\] picks 3"):
+        load_config("quickstart", [*GEOTIFF, "train.dataset.bands=[2,3,4]"])
+    for bands in ("[14]", "[2,2]", "[0]"):
+        with pytest.raises(ConfigError, match=r"distinct 1-based indices into the 13 bands"):
+            load_config("quickstart", [*GEOTIFF, f"train.dataset.bands={bands}"])
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        ["train.dataset.source=sen12ms", "train.dataset.uri=/data/sen12ms"],
+        [
+            "train.dataset.source=satlas",
+            "train.dataset.uri=/data/satlas",
+            "train.dataset.s2_layout=satlas",
+            "student.in_chans=9",
+        ],
+        ["train.dataset.source=shards", "train.dataset.uri=/data/shards"],
+        ["train.dataset.source=synthetic"],
+    ],
+)
+def test_bands_for_a_source_that_reads_whole_tiles_is_an_error(source: list[str]) -> None:
+    name = source[0].partition("=")[2]
+    pattern = rf"train\.dataset\.bands=\[2, 3, 4\] .* train\.dataset\.source='{name}'"
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("quickstart", [*source, "train.dataset.bands=[2,3,4]", "student.in_chans=3"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_OVERRIDES, saved_info, torchrun_train_command
+from test_real_data_training import write_sen12ms_tree
 from torch.distributed.elastic.multiprocessing import ProcessFailure
 
 from rsdino.data.sources.decode import CorruptFileError
@@ -157,3 +158,31 @@ def test_a_bug_still_shows_its_traceback() -> None:
 
     with pytest.raises(ZeroDivisionError):
         run_reporting_errors(bug)
+
+
+def test_bad_data_under_fail_in_a_loader_worker_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    """The worker's CorruptFileError reaches the CLI as itself, not as DataLoader's
+    89-line RuntimeError("Caught CorruptFileError in DataLoader worker process 0")."""
+    files = write_sen12ms_tree(tmp_path / "tree")
+    corrupt = sorted(key for key in files if "/S2/" in key)[0]
+    (tmp_path / "tree" / corrupt).write_bytes(b"not a tiff")
+    overrides = (
+        *TINY_OVERRIDES,
+        "train.dataset.source=sen12ms",
+        f"train.dataset.uri={tmp_path / 'tree'}",
+        "train.dataset.on_error=fail",
+        "train.batch_size_per_gpu=2",
+        "train.num_workers=2",
+    )
+    result = subprocess.run(
+        _train_command(tmp_path / "run", *overrides),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert result.returncode == ExitCode.DATA, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.splitlines() if line.startswith("rsdino: error: ")
+    ], result.stderr[-3000:]
+    assert corrupt in result.stderr and "Traceback" not in result.stderr

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,11 @@ from conftest import saved_tensors, tiny_config, tiny_multimodal_config
 from safetensors import safe_open
 
 from rsdino.cli import main
+from rsdino.config.loader import config_to_yaml
+from rsdino.data.bands import S2_BANDS_SEN12MS
+from rsdino.data.bands import band_stats as rsdino_band_stats
 from rsdino.errors import RsdinoError
-from rsdino.export import load_exported_encoder
+from rsdino.export import _band_stats, load_exported_encoder
 from rsdino.train.loop import train
 
 pytest_plugins = ["s3_server"]
@@ -75,3 +81,70 @@ def test_export_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFi
     save_file({"w": torch.zeros(1)}, str(not_export))
     with pytest.raises(RsdinoError, match="not an rsdino teacher export"):
         load_exported_encoder(not_export)
+
+
+def test_export_is_readable_and_says_how_to_normalise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(), run)
+    out = tmp_path / "exports" / "teacher.safetensors"
+    previous = os.umask(0o022)
+    try:
+        with caplog.at_level("INFO"):
+            code, _, _ = _export(capsys, "--output-dir", str(run), "--out", str(out))
+    finally:
+        os.umask(previous)
+    assert code == 0
+    # 0666 minus the umask, like any file a user writes: readable on shared storage.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "exports" / "teacher.yaml").stat().st_mode) == 0o644
+    with safe_open(str(out), framework="pt") as exported:
+        band_stats = json.loads(exported.metadata()["band_stats"])
+    mean, std = rsdino_band_stats("s2", "sen12ms")
+    assert band_stats["modalities"] == {
+        "s2": {"bands": list(S2_BANDS_SEN12MS), "mean": mean, "std": std}
+    }
+    assert "default" in band_stats["source"] and "(x - mean) / std" in band_stats["normalise"]
+    assert "teacher.yaml" in caplog.text and "metadata key 'band_stats'" in caplog.text
+
+
+def test_band_stats_of_picked_geotiff_bands_and_of_a_stats_file(tmp_path: Path) -> None:
+    config = tiny_config(
+        "train.dataset.source=geotiff",
+        "train.dataset.uri=/data/tiles",
+        "train.dataset.bands=[4,3,2]",
+        "student.in_chans=3",
+    )
+    document, source = _band_stats(config_to_yaml(config))
+    entry = json.loads(document)["modalities"]["s2"]
+    mean, std = rsdino_band_stats("s2", "sen12ms")
+    assert entry == {"bands": ["B4", "B3", "B2"], "mean": mean[3:0:-1], "std": std[3:0:-1]}
+    assert "default" in source
+    missing = str(tmp_path / "gone" / "band_stats.json")
+    assert _band_stats(config_to_yaml(tiny_config(f"train.dataset.stats={missing}"))) == (
+        None,
+        None,
+    )
+
+
+def test_unusable_out_fails_before_reading_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No checkpoint at all: had the checkpoint been read first, the error would say so.
+    empty = str(tmp_path / "no_checkpoints")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    cases = {
+        a_file / "teacher.safetensors": f"{a_file} is a file, not a folder",
+        folder: f"{folder} is a folder; pass a file name",
+        Path("/sys/teacher.safetensors"): "Permission denied",
+        tmp_path / "teacher.yaml": "would be overwritten by its config",
+    }
+    for out, message in cases.items():
+        code, _, err = _export(capsys, "--checkpoint-dir", empty, "--out", str(out))
+        assert code == 4 and len(err.strip().splitlines()) == 1, err
+        assert str(out) in err and message in err, err
+        assert "no complete checkpoint" not in err

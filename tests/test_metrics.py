@@ -16,10 +16,12 @@ from rsdino.models.vit import VisionTransformer
 from rsdino.train.dist import DistContext
 from rsdino.train.metrics import (
     DATA_ERROR_KINDS,
+    DEFAULT_METRICS_PORT,
     DisabledMetrics,
     TrainingMetrics,
     estimate_step_cost,
     head_flops_per_token,
+    metrics_address,
     start_metrics,
     vit_forward_flops,
 )
@@ -222,3 +224,29 @@ def test_step_cost_counts_student_three_times_and_teacher_on_global_crops() -> N
     cost = estimate_step_cost(cfg)
     assert cost.flops == 3 * student + teacher
     assert cost.tokens == 8 * 16 + 8 * 4
+
+
+def test_a_local_run_listens_on_loopback_and_moves_off_a_taken_default_port() -> None:
+    """The quickstart must start while another run (or any program) holds port 9321."""
+    cfg = tiny_config("metrics.enabled=true")  # host auto, port null: the defaults
+    alone = DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("127.0.0.1", DEFAULT_METRICS_PORT))
+            holder.listen()
+        except OSError:
+            pass  # someone else holds it already: the situation under test
+        metrics = start_metrics(cfg, alone, preset="quickstart")
+        try:
+            assert metrics.url.startswith("http://127.0.0.1:")
+            assert metrics.port != DEFAULT_METRICS_PORT
+            assert "rsdino_build_info" in scrape(metrics.url)
+        finally:
+            metrics.close()
+
+
+def test_distributed_ranks_keep_the_fixed_port_prometheus_scrapes() -> None:
+    cfg = tiny_config("metrics.enabled=true")
+    rank = DistContext(rank=5, local_rank=1, world_size=8, device=CPU)
+    assert metrics_address(cfg.metrics, rank) == ("0.0.0.0", range(9322, 9323))

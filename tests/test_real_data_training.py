@@ -13,6 +13,7 @@ from source_fixtures import TRAIN_ROI, random_s1, random_s2, sen12ms_keys, write
 
 from rsdino.cli import main
 from rsdino.config.loader import ConfigError, load_config
+from rsdino.errors import ExitCode
 from rsdino.train.loop import train
 
 pytest_plugins = ["s3_server"]
@@ -76,14 +77,14 @@ def test_empty_or_missing_dataset_is_a_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "empty").mkdir()
-    for uri, pattern in [
-        (tmp_path / "empty", "no sen12ms samples found"),
-        (tmp_path / "missing", "not a directory"),
+    for uri, pattern, exit_code in [
+        (tmp_path / "empty", "no sen12ms samples found", ExitCode.DATA),
+        (tmp_path / "missing", "not a directory", ExitCode.STORAGE),
     ]:
         argv = ["train", "--config", "quickstart", "--output-dir", str(tmp_path / "run")]
         code = main([*argv, *_sen12ms(str(uri))])
         err = capsys.readouterr().err.strip()
-        assert code == 1
+        assert code == exit_code
         assert len(err.splitlines()) == 1 and pattern in err
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import saved_tensors, tiny_config
 from source_fixtures import (
     TEST_ROI,
     TRAIN_ROI,
@@ -25,6 +26,7 @@ from source_fixtures import (
 )
 
 from rsdino.data.bands import S2_BANDS_SATLAS
+from rsdino.data.build import SourceSpec, open_source
 from rsdino.data.collate import collate_samples
 from rsdino.data.sources import (
     BandCountError,
@@ -44,6 +46,7 @@ from rsdino.data.sources import (
 from rsdino.data.sources.decode import day_of_year_in_name, fill_sar_gaps
 from rsdino.data.storage import LocalStore
 from rsdino.errors import RsdinoError
+from rsdino.train.loop import train
 
 LOGGER = "rsdino.data.sources.decode"
 
@@ -480,3 +483,41 @@ def test_parse_dataset_string_errors() -> None:
     ]:
         with pytest.raises(ValueError, match=re.escape(bad)):
             parse_dataset_string(bad)
+
+
+def test_geotiff_folder_with_another_band_count_names_the_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    write_geotiff(tmp_path / "a.tif", random_s2(rng))
+    write_geotiff(tmp_path / "b.tif", random_s2(rng, bands=4))
+    spec = SourceSpec(source="geotiff", uri=str(tmp_path), on_error="fail")
+    source = open_source(spec)
+    assert source[0]["s2"].shape == (13, 16, 16)
+    with pytest.raises(BandCountError, match=r"b\.tif: has 4 bands, expected 13"):
+        source[1]
+    skipping = open_source(SourceSpec(source="geotiff", uri=str(tmp_path)))
+    with pytest.raises(SkipSample):
+        skipping[1]
+    assert skipping.error_counts == {"band_count": 1}
+    # The satlas layout expects 9 bands; picked bands need only be present.
+    satlas = open_source(SourceSpec(source="geotiff", uri=str(tmp_path), s2_layout="satlas"))
+    with pytest.raises(SkipSample):
+        satlas[0]
+    picked = open_source(SourceSpec(source="geotiff", uri=str(tmp_path), bands=[2, 3, 4]))
+    assert [picked[index]["s2"].shape for index in (0, 1)] == [(3, 16, 16)] * 2
+
+
+def test_training_on_picked_geotiff_bands(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    for index in range(8):
+        write_geotiff(tmp_path / "tiles" / f"tile_{index}.tif", random_s2(rng, size=32))
+    cfg = tiny_config(
+        "train.dataset.source=geotiff",
+        f"train.dataset.uri={tmp_path / 'tiles'}",
+        "train.dataset.bands=[2,3,4]",
+        "student.in_chans=3",
+    )
+    result = train(cfg, tmp_path / "run")
+    assert result.final_step == 6
+    patch_embed = saved_tensors(tmp_path / "run" / "checkpoints", 6, "model.teacher.")
+    kernels = [tensor for name, tensor in patch_embed.items() if "patch_embed.proj.weight" in name]
+    assert kernels and all(kernel.shape[1] == 3 for kernel in kernels)

@@ -17,6 +17,7 @@ from rsdino.data.stats import (
     BandStatistics,
     StreamingBandStats,
     compute_stats,
+    input_band_names,
     load_stats,
     normalizer_stats,
     write_stats,
@@ -299,3 +300,18 @@ def test_compute_stats_errors() -> None:
         compute_stats(SyntheticLandCover(0), modalities=("s1",), band_names=NAMES)
     with pytest.raises(RsdinoError, match="skipped"):
         compute_stats(_SkipsIndices(satlas, {0, 1}), modalities=("s1",), band_names=NAMES)
+
+
+def test_normalizer_stats_of_picked_geotiff_bands(tmp_path) -> None:
+    mean, std = normalizer_stats(None, "s2", "sen12ms")
+    assert normalizer_stats(None, "s2", "sen12ms", [4, 3, 2]) == (mean[3:0:-1], std[3:0:-1])
+    assert input_band_names("s2", "sen12ms", [4, 3, 2]) == ("B4", "B3", "B2")
+    write_stats(_example_stats(), str(tmp_path))
+    path = str(tmp_path / "band_stats.json")
+    file_mean, file_std = normalizer_stats(path, "s2", "satlas")
+    assert normalizer_stats(path, "s2", "satlas", [9, 1]) == (
+        [file_mean[8], file_mean[0]],
+        [file_std[8], file_std[0]],
+    )
+    # Sentinel-1 has no band selection: its two bands stay as they are.
+    assert normalizer_stats(None, "s1", "sen12ms", [2]) == normalizer_stats(None, "s1", "sen12ms")

@@ -6,12 +6,15 @@ the JSON reports it leaves and check their fields against values worked out here
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from unittest.mock import patch
@@ -175,3 +178,41 @@ def test_too_short_schedule_is_refused_before_building_anything() -> None:
     # TINY_OVERRIDES schedule 2 epochs x 3 steps = 6 steps.
     with pytest.raises(SystemExit, match="only 6 steps"):
         step_time.measure(cfg, warmup=3, steps=4)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line contains ``text``, this one excepted."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table")
+def test_recovery_measurement_leaves_no_process_behind(tmp_path: Path) -> None:
+    """torchrun starts workers in sessions of their own; all of them must be gone on return."""
+    stall = load_script("checkpoint_stall")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    # A schedule far longer than the measurement: a surviving worker would still be training.
+    overrides = [*TINY_OVERRIDES, "train.OFFICIAL_EPOCH_LENGTH=200"]
+    try:
+        report = stall.measure_recovery("quickstart", overrides, 1, 2, workdir, timeout=240)
+        survivors = _processes_naming(str(workdir))
+        assert survivors == [], "the recovery run outlived the benchmark"
+    finally:
+        for pid in _processes_naming(str(workdir)):  # never leave a worker running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert report["resumed_at_step"] == 3
+    shutil.rmtree(workdir)  # what the benchmark's TemporaryDirectory does next
+    time.sleep(1.0)
+    assert not workdir.exists(), "something still writes into the deleted run directory"

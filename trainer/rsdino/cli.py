@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rsdino import __version__
-from rsdino.config.loader import available_presets, config_to_yaml, load_config
+from rsdino.config.loader import ConfigError, available_presets, config_to_yaml, load_config
 from rsdino.error_boundary import run_reporting_errors
 
 log = logging.getLogger("rsdino")
@@ -67,6 +67,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="start from step 0 even if DIR holds checkpoints (they are kept aside, not deleted)",
     )
     train.add_argument(
+        "--resume-from-step",
+        metavar="N",
+        type=int,
+        default=None,
+        help="resume from the complete checkpoint of step N instead of the newest (after a "
+        "divergence); later checkpoints of a local run are kept aside, not deleted",
+    )
+    train.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved config and exit without training",
@@ -81,6 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from rsdino.data.commands import add_data_commands
 
     add_data_commands(sub)
+    from rsdino.eval.commands import add_eval_commands
+
+    add_eval_commands(sub)
     _add_export_command(sub)
     return parser
 
@@ -89,9 +100,12 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export",
         help="write a checkpoint's teacher encoder(s) to one safetensors file",
-        description="Write the teacher encoder(s) of a complete checkpoint, with the run's "
-        "resolved config in the file's metadata (and beside it as OUT.yaml). Checkpoints on "
-        "S3 use the AWS_* environment (or the run config's train.storage).",
+        description="Write the teacher encoder(s) of a complete checkpoint to one safetensors "
+        "file, with the run's resolved config in its metadata and beside it (--out with .yaml "
+        "in place of .safetensors: teacher.safetensors -> teacher.yaml), and the band "
+        "statistics to normalise inputs by, (x - mean) / std per band, in the metadata key "
+        "band_stats. --out is checked before the checkpoint is read. Checkpoints on S3 use the "
+        "AWS_* environment (or the run config's train.storage).",
     )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -130,7 +144,15 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     from rsdino.train.loop import train  # imported late: torch start-up is slow for --help
 
-    result = train(cfg, args.output_dir, resume=not args.no_resume, preset=args.config)
+    if args.no_resume and args.resume_from_step is not None:
+        raise ConfigError("--no-resume and --resume-from-step contradict each other; pick one")
+    result = train(
+        cfg,
+        args.output_dir,
+        resume=not args.no_resume,
+        preset=args.config,
+        resume_from_step=args.resume_from_step,
+    )
     log.info("finished at step %d; last checkpoint: %s", result.final_step, result.last_checkpoint)
     return 0
 
@@ -156,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
+    # GDAL reports every undecodable tile at INFO; rsdino's own bad-data line names the file.
+    logging.getLogger("rasterio").setLevel(logging.WARNING)
     return run_reporting_errors(lambda: args.handler(args), debug=args.debug)
 
 

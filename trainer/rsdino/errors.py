@@ -39,3 +39,15 @@ class RsdinoError(Exception):
 
     exit_code: int = ExitCode.ERROR
     label = "error"  # the word before the message, "rsdino: error: ...", or "" for none
+
+    def __reduce__(self) -> tuple:
+        # Pickled from a DataLoader worker to the training process, whatever the subclass's
+        # __init__ takes: the message and attributes travel, not the constructor arguments.
+        return (_restore_error, (type(self), str(self), self.__dict__))
+
+
+def _restore_error(cls: type[RsdinoError], message: str, state: dict) -> RsdinoError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error

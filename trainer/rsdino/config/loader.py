@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -69,6 +70,8 @@ def resolve_preset_path(preset: str) -> Path:
 def _load_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(exc)}") from exc
     except (OSError, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(f"cannot read config file '{path}': {exc}") from exc
     if not isinstance(loaded, DictConfig):
@@ -104,15 +107,31 @@ def _dataset_from_string(text: str) -> DictConfig:
     return OmegaConf.create({"train": {"dataset": parsed}})
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's complaint on one line, with the line and column where it noticed it."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return f"{exc.problem or exc.context}{where}"
+    return str(exc).splitlines()[0]
+
+
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    parsed = OmegaConf.create()
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}' must look like key.path=value")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from exc
+        try:
+            parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {key}: the value {value!r} is not valid YAML ({_yaml_problem(exc)}); "
+                "quote strings and close lists, e.g. key=[0.4,1.0]"
+            ) from exc
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {key}: cannot parse {item!r}: {exc}") from exc
+    return parsed
 
 
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:

@@ -80,6 +80,7 @@ class TrainConfig:
     activation_checkpointing: bool = MISSING
     log_every_steps: int = MISSING
     collective_timeout_s: int = MISSING
+    loss_spike_factor: float = MISSING
 
 
 @dataclass
@@ -180,7 +181,7 @@ class AugmentConfig:
 class MetricsConfig:
     enabled: bool = MISSING
     host: str = MISSING
-    port: int = MISSING
+    port: int | None = MISSING
     job: str = MISSING
     peak_flops_per_device: float = MISSING
 

@@ -144,18 +144,37 @@ def _validate_dataset(problems: list[str], cfg: DictConfig) -> None:
             f"train.multimodal=true needs paired Sentinel-1/-2 data (source sen12ms, shards or "
             f"synthetic), not {dataset.source!r}",
         )
+
+
+def _validate_bands(problems: list[str], cfg: DictConfig) -> None:
+    """``bands`` picks GeoTIFF bands, indices into the s2_layout order the files are stored in."""
+    dataset = cfg.train.dataset
+    bands = list(dataset.bands)
+    if not bands:
+        return
+    if dataset.source != "geotiff":
+        problems.append(
+            f"train.dataset.bands={bands} picks bands of GeoTIFF files, but "
+            f"train.dataset.source={dataset.source!r} always reads all its bands; remove "
+            "train.dataset.bands or use train.dataset.source=geotiff"
+        )
+        return
+    layout_bands = S2_LAYOUTS.get(dataset.s2_layout, ())
     _check(
         problems,
-        all(band >= 1 for band in dataset.bands),
-        "train.dataset.bands are 1-based band indices",
+        all(1 <= band <= len(layout_bands) for band in bands) and len(set(bands)) == len(bands),
+        f"train.dataset.bands={bands} must be distinct 1-based indices into the "
+        f"{len(layout_bands)} bands of train.dataset.s2_layout={dataset.s2_layout!r}",
     )
-    if dataset.source == "geotiff" and dataset.bands and not cfg.train.multimodal:
-        _check(
-            problems,
-            len(dataset.bands) == cfg.student.in_chans,
-            f"train.dataset.bands selects {len(dataset.bands)} bands but student.in_chans="
-            f"{cfg.student.in_chans}",
-        )
+
+
+def s2_band_count(cfg: DictConfig) -> int | None:
+    """How many Sentinel-2 bands the model gets: the picked GeoTIFF bands, else the layout's."""
+    dataset = cfg.train.dataset
+    if dataset.source == "geotiff" and dataset.bands:
+        return len(dataset.bands)
+    layout = S2_LAYOUTS.get(dataset.s2_layout)
+    return None if layout is None else len(layout)
 
 
 def validate_config(cfg: DictConfig) -> list[str]:
@@ -164,11 +183,19 @@ def validate_config(cfg: DictConfig) -> list[str]:
     train, student, crops, optim = cfg.train, cfg.student, cfg.crops, cfg.optim
 
     _validate_dataset(problems, cfg)
+    _validate_bands(problems, cfg)
     _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
     s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"
     s2_chans = student.in_chans_s2 if train.multimodal else student.in_chans
-    if train.dataset.s2_layout in S2_LAYOUTS:
-        bands = len(S2_LAYOUTS[train.dataset.s2_layout])
+    bands = s2_band_count(cfg)
+    if bands is not None and train.dataset.source == "geotiff" and train.dataset.bands:
+        _check(
+            problems,
+            s2_chans == bands,
+            f"{s2_key}={s2_chans} but train.dataset.bands={list(train.dataset.bands)} picks "
+            f"{bands} bands; set {s2_key}={bands}",
+        )
+    elif bands is not None:
         _check(
             problems,
             s2_chans == bands,
@@ -202,6 +229,7 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _check(problems, train.OFFICIAL_EPOCH_LENGTH >= 1, "train.OFFICIAL_EPOCH_LENGTH must be >= 1")
     _check(problems, train.log_every_steps >= 1, "train.log_every_steps must be >= 1")
     _check(problems, train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
+    _check(problems, train.loss_spike_factor >= 0, "train.loss_spike_factor must be >= 0")
     _choice(problems, "train.centering", train.centering, CENTERING_MODES)
     _choice(problems, "train.device", train.device, DEVICES)
     _choice(problems, "train.precision", train.precision, PRECISIONS)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from rsdino.data.bands import S2_LAYOUTS
 from rsdino.data.sources import (
     GeoTiffFolderSource,
     SatlasSource,
@@ -16,9 +17,15 @@ from rsdino.data.sources import (
 )
 from rsdino.data.storage import Store, open_store
 from rsdino.data.synthetic import SyntheticLandCover
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
 
 SAMPLE_SOURCES = ("sen12ms", "satlas", "geotiff")
+
+
+class DatasetError(RsdinoError):
+    """The configured dataset cannot be opened as that source, or holds no samples."""
+
+    exit_code = ExitCode.DATA
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class SourceSpec:
     split: str = "train"
     layout: str = "tree"
     bands: list[int] = field(default_factory=list)
+    s2_layout: str = "sen12ms"  # geotiff: files without ``bands`` must have its band count
     on_error: str = "skip"
     multimodal: bool = True
     storage: dict = field(default_factory=dict)  # endpoint_url, region, path_style, max_attempts
@@ -43,6 +51,7 @@ class SourceSpec:
             split=dataset.split,
             layout=dataset.layout,
             bands=list(dataset.bands),
+            s2_layout=dataset.s2_layout,
             on_error=dataset.on_error,
             multimodal=cfg.train.multimodal,
             storage={
@@ -76,12 +85,16 @@ def open_source(spec: SourceSpec) -> Dataset:
             source = SatlasSource(list_keys, read_bytes, split=spec.split, on_error=spec.on_error)
         else:
             source = GeoTiffFolderSource(
-                list_keys, read_bytes, bands=spec.bands or None, on_error=spec.on_error
+                list_keys,
+                read_bytes,
+                bands=spec.bands or None,
+                on_error=spec.on_error,
+                band_count=None if spec.bands else len(S2_LAYOUTS[spec.s2_layout]),
             )
     except ValueError as exc:
-        raise RsdinoError(f"{spec.source} dataset at {spec.uri}: {exc}") from exc
+        raise DatasetError(f"{spec.source} dataset at {spec.uri}: {exc}") from exc
     if len(source) == 0:
-        raise RsdinoError(
+        raise DatasetError(
             f"no {spec.source} samples found at {spec.uri} (split {spec.split!r}); "
             "check the uri, split and layout"
         )
@@ -89,7 +102,11 @@ def open_source(spec: SourceSpec) -> Dataset:
 
 
 def build_dataset(cfg: DictConfig) -> Dataset:
-    """The map-style training dataset; with ``on_error=skip`` bad tiles are replaced and counted."""
+    """The map-style training dataset; with ``on_error=skip`` bad tiles are replaced and counted.
+
+    Real sources are always wrapped in ``SkipBadSamples``: under ``fail`` it skips nothing, but it
+    is where a loader worker's error is turned into a batch the training process re-raises.
+    """
     dataset = cfg.train.dataset
     if dataset.source == "synthetic":
         synthetic = cfg.train.synthetic
@@ -101,4 +118,4 @@ def build_dataset(cfg: DictConfig) -> Dataset:
             seed=cfg.train.seed,
         )
     source = open_source(SourceSpec.from_config(cfg))
-    return SkipBadSamples(source) if dataset.on_error == "skip" else source
+    return SkipBadSamples(source)

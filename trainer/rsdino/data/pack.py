@@ -14,7 +14,7 @@ import contextlib
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,9 @@ class PackReport:
     skipped_samples: int
     skipped_by_kind: dict[str, int]
     total_bytes: int
+    # Samples the source left out of its index (e.g. an S1 tile without its S2 partner): never
+    # read, so in no shard's skipped list, but just as absent from the packed dataset.
+    dropped_at_index: dict[str, int] = field(default_factory=dict)
 
 
 def pack_dataset(
@@ -86,6 +89,7 @@ def pack_dataset(
     if read_workers < 1:
         raise ValueError(f"read_workers must be >= 1, got {read_workers}")
     num_source = len(source)
+    dropped_at_index = dict(sorted(getattr(source, "error_counts", {}).items()))
     if num_source == 0:
         raise RsdinoError("the source has no samples; nothing to pack")
     order = np.random.default_rng(seed).permutation(num_source).tolist()
@@ -126,6 +130,7 @@ def pack_dataset(
         skipped_samples=manifest["skipped_samples"],
         skipped_by_kind=manifest["skipped_by_kind"],
         total_bytes=sum(index["nbytes"] for index in indexes),
+        dropped_at_index=dropped_at_index,
     )
 
 
@@ -293,9 +298,17 @@ def _manifest(
 def describe_report(report: PackReport) -> str:
     """One line for the CLI to print."""
     kinds = ", ".join(f"{kind}: {count}" for kind, count in report.skipped_by_kind.items())
+    dropped = ", ".join(f"{kind}: {count}" for kind, count in report.dropped_at_index.items())
     return (
         f"packed {report.total_samples} samples into {report.uri} "
         f"({report.shards_written} shards written, {report.shards_skipped} already complete, "
         f"{report.total_bytes / 2**20:.1f} MiB); "
-        f"{report.skipped_samples} bad samples left out" + (f" ({kinds})" if kinds else "")
+        f"{report.skipped_samples} bad samples left out"
+        + (f" ({kinds})" if kinds else "")
+        + (
+            f"; {sum(report.dropped_at_index.values())} dropped while indexing the source "
+            f"({dropped})"
+            if dropped
+            else ""
+        )
     )

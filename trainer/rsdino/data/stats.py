@@ -318,12 +318,29 @@ def load_stats(path_or_uri: str) -> dict[str, BandStatistics]:
         ) from error
 
 
+def _picked(values: Sequence[Any], bands: Sequence[int]) -> list[Any]:
+    """``values`` of the 1-based ``bands`` in their order, or all of them for no ``bands``."""
+    return [values[band - 1] for band in bands] if bands else list(values)
+
+
+def input_band_names(modality: str, layout: str, bands: Sequence[int] = ()) -> tuple[str, ...]:
+    """The bands a model sees: the layout's, or the GeoTIFF ``bands`` picked from it (S2 only)."""
+    names = layout_band_names(modality, layout)
+    return tuple(_picked(names, bands)) if modality == "s2" else names
+
+
 def normalizer_stats(
-    stats_file: str | None, modality: str, layout: str
+    stats_file: str | None, modality: str, layout: str, bands: Sequence[int] = ()
 ) -> tuple[list[float], list[float]]:
-    """The (mean, std) to normalise `modality` by: measured if a file is given, else defaults."""
+    """The (mean, std) to normalise `modality` by: measured if a file is given, else defaults.
+
+    ``bands`` (``train.dataset.bands``: 1-based, into the layout's band order, which the GeoTIFF
+    files follow) keeps the statistics of the picked Sentinel-2 bands only.
+    """
+    picks = bands if modality == "s2" else ()
     if stats_file is None:
-        return band_stats(modality, layout)
+        mean, std = band_stats(modality, layout)
+        return _picked(mean, picks), _picked(std, picks)
     stats = load_stats(stats_file)
     if modality not in stats:
         raise RsdinoError(
@@ -337,4 +354,4 @@ def normalizer_stats(
             f"{stats_file} has {modality} bands {entry.bands} but layout {layout!r} trains on "
             f"{expected}; measure statistics on this dataset or set the matching layout"
         )
-    return list(entry.mean), list(entry.std)
+    return _picked(entry.mean, picks), _picked(entry.std, picks)

@@ -93,6 +93,12 @@ class StorageCounters:
             self.bytes_read += read
             self.bytes_written += written
 
+    def reset(self) -> None:
+        """Back to zero: a forked loader worker must not report its parent's requests again."""
+        with self._lock:
+            self.requests, self.retries, self.errors = {}, {}, {}
+            self.bytes_read = self.bytes_written = 0
+
     def snapshot(self) -> dict[str, Any]:
         """A plain copy that later requests do not change, for metrics and tests."""
         with self._lock:

@@ -38,7 +38,7 @@ from rsdino.data.shards import (
     read_shard_indexes,
 )
 from rsdino.data.storage import Store
-from rsdino.data.worker_stats import attach_worker_stats
+from rsdino.data.worker_stats import attach_worker_stats, error_batch, in_loader_worker
 from rsdino.errors import RsdinoError
 
 # Separate random streams for the order of chunks and the order of samples inside a chunk.
@@ -190,6 +190,14 @@ class ShardStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._batches()
+        except RsdinoError as error:
+            if not in_loader_worker():
+                raise
+            yield error_batch(error)
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         plans = map(self._batch_plan, itertools.count(worker_id, num_workers))

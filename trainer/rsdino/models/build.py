@@ -23,6 +23,24 @@ def _arch_and_bands(cfg: DictConfig, modality: str) -> tuple[str, int]:
     return (s.arch_s1, s.in_chans_s1) if modality == "s1" else (s.arch_s2, s.in_chans_s2)
 
 
+def describe_encoders(cfg: DictConfig) -> str:
+    """The encoders a run trains, for the start line: each modality's arch, patch and bands."""
+    s = cfg.student
+    shrunk = ", ".join(
+        f"{name} {value}"
+        for name, value in (("dim", s.embed_dim), ("depth", s.depth), ("heads", s.num_heads))
+        if value is not None
+    )
+    parts = []
+    for modality in modalities(cfg):
+        arch, bands = _arch_and_bands(cfg, modality)
+        parts.append(f"{arch}/{s.patch_size} ({modality.upper()}, {bands} bands)")
+    text = " + ".join(parts)
+    if cfg.train.multimodal:
+        text += f", {s.fuse_alg} fusion"
+    return f"{text}, {shrunk}" if shrunk else text
+
+
 def build_backbone(
     cfg: DictConfig, *, arch: str, in_chans: int, drop_path_rate: float
 ) -> VisionTransformer:

@@ -19,6 +19,7 @@ import logging
 import re
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +133,43 @@ class CheckpointStore:
             if key != marker:
                 self.store.delete(key)
 
-    def prune(self, keep: int) -> None:
-        """Keep the newest ``keep`` complete checkpoints; drop partial ones older than those."""
+    def require_complete(self, step: int) -> None:
+        """Fail naming the complete checkpoints there are, unless ``step`` is one of them."""
+        steps = self.complete_steps()
+        if step not in steps:
+            raise CheckpointError(
+                f"--resume-from-step {step}: {self.location(step)} is not a complete "
+                f"checkpoint; complete ones are at steps {', '.join(map(str, steps)) or '(none)'}"
+            )
+
+    def set_aside_after(self, step: int) -> Path | None:
+        """Move the checkpoints newer than ``step`` out of the way of a run resumed there (its
+        saves would overwrite them, and a restart would resume from them); nothing is deleted.
+        Returns where they went."""
+        self.require_complete(step)
+        newer = [later for later in self._keys_by_step() if later > step]
+        if not newer:
+            return None
+        if not isinstance(self.store, LocalStore):
+            raise CheckpointError(
+                f"--resume-from-step {step}: {self.store.uri} holds checkpoints of later steps "
+                f"({', '.join(map(str, sorted(newer)))}) that the resumed run would overwrite; "
+                "move them to another prefix first (e.g. aws s3 mv --recursive), nothing was "
+                "changed"
+            )
+        root = self.store.root
+        aside = root.with_name(f"{root.name}.after-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir()
+        for later in newer:
+            (root / checkpoint_name(later)).rename(aside / checkpoint_name(later))
+        return aside
+
+    def prune(self, keep: int, protect: int | None = None) -> None:
+        """Keep the newest ``keep`` complete checkpoints (and ``protect``); drop partial ones
+        older than those."""
         by_step = self._keys_by_step()  # one listing for the whole pass
         complete = self._complete(by_step)
-        doomed = complete[:-keep]
+        doomed = [step for step in complete[:-keep] if step != protect]
         if complete:
             doomed += [step for step in by_step if step < complete[-1] and step not in complete]
         for step in doomed:
@@ -209,6 +242,7 @@ class Checkpointer:
         # One writer for the whole run: with pinned staging it reuses its host buffers.
         self._writer = StoreWriter(store.store, "", cache_staged_state_dict=pinned_staging)
         self._pending: _PendingSave | None = None
+        self.protected_step: int | None = None  # retention keeps it besides the newest `keep`
 
     def save(self, state: dict[str, Any], info: CheckpointInfo) -> SaveOutcome | None:
         """Start saving ``state`` as step ``info.step``; returns the outcome of a save it ended."""
@@ -279,25 +313,41 @@ class Checkpointer:
         if self.is_main:
             log.info("checkpoint %s complete (%.2fs after the save began)", location, seconds)
             try:
-                self.store.prune(self.keep)
+                self.store.prune(self.keep, protect=self.protected_step)
             except StorageError as exc:  # the next commit prunes again
                 log.warning("could not prune old checkpoints in %s: %s", self.store.store.uri, exc)
         return SaveOutcome(step, location, True, seconds)
 
     def load_latest(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        check: Callable[[CheckpointInfo], None] | None = None,
+        only_step: int | None = None,
     ) -> CheckpointInfo | None:
-        """Load the newest complete checkpoint that reads; older ones are fallbacks.
+        """Load the newest complete checkpoint that reads (or exactly ``only_step``); older ones
+        are fallbacks.
 
+        ``check`` sees each candidate's marker before its tensors are read and may refuse it
+        with a ``CheckpointError`` (a config that builds another model), which ends the search.
         Every rank runs this; DCP shares any rank's read failure with all of them, so all ranks
         fall back together.
         """
         steps = self.store.complete_steps()
-        failures = []
+        if only_step is not None:
+            self.store.require_complete(only_step)
+            steps = [only_step]
+        failures: list[str] = []
         for step in reversed(steps):
             location = self.store.location(step)
             try:
                 info = self.store.read_info(step)
+            except _SAVE_OR_LOAD_ERRORS as exc:
+                failures.append(_report_unreadable(location, exc))
+                continue
+            if check is not None:
+                check(info)
+            try:
                 state = model_and_optimizer_state(model, optimizer)
                 dcp.load(
                     state,
@@ -307,14 +357,8 @@ class Checkpointer:
                 )
                 set_model_state_dict(model, state["model"])
                 set_optimizer_state_dict(model, optimizer, state["optimizer"])
-            except _SAVE_OR_LOAD_ERRORS as exc:  # unreadable marker or shard: fall back
-                failures.append(f"{location}: {_first_line(exc)}")
-                log.warning(
-                    "checkpoint %s is unreadable (%s); falling back to the previous one. "
-                    "It is left in place for inspection.",
-                    location,
-                    _first_line(exc),
-                )
+            except _SAVE_OR_LOAD_ERRORS as exc:
+                failures.append(_report_unreadable(location, exc))
                 continue
             return info
         if failures:
@@ -324,6 +368,17 @@ class Checkpointer:
                 "--no-resume to start fresh."
             )
         return None
+
+
+def _report_unreadable(location: str, exc: BaseException) -> str:
+    """Warn that a checkpoint cannot be read (it is kept); returns the line for the summary."""
+    log.warning(
+        "checkpoint %s is unreadable (%s); falling back to the previous one. "
+        "It is left in place for inspection.",
+        location,
+        _first_line(exc),
+    )
+    return f"{location}: {_first_line(exc)}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from rsdino import __version__
 from rsdino.config.loader import config_to_yaml
@@ -26,25 +26,34 @@ from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
 from rsdino.data.stats import normalizer_stats
 from rsdino.data.stream import ShardStream
-from rsdino.data.worker_stats import WORKER_STATS_KEY, collate_with_worker_stats
+from rsdino.data.worker_stats import (
+    WORKER_STATS_KEY,
+    collate_with_worker_stats,
+    init_loader_worker,
+    merge_worker_findings,
+    raise_worker_error,
+)
 from rsdino.errors import ExitCode, RsdinoError
-from rsdino.models.build import modalities
+from rsdino.models.build import describe_encoders, modalities
 from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
 from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
 from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
 from rsdino.train.checkpoint import (
     Checkpointer,
+    CheckpointError,
     CheckpointInfo,
     SaveOutcome,
     model_and_optimizer_state,
     open_checkpoint_store,
 )
 from rsdino.train.dist import DistContext, barrier, init_distributed, shutdown_distributed
+from rsdino.train.divergence import DivergenceGuard
 from rsdino.train.fsdp import reshard_teacher, shard_model
 from rsdino.train.metrics import DisabledMetrics, TrainingMetrics, start_metrics
 from rsdino.train.output_dir import output_paths, prepare_output_dir
 from rsdino.train.preemption import StopSignal, TrainingInterrupted, ignore_stop_signals
 from rsdino.train.progress import ProgressReporter
+from rsdino.train.run_manifest import config_changes
 from rsdino.train.runtime import (
     autocast,
     resolve_device,
@@ -127,6 +136,13 @@ def make_augment(cfg: DictConfig) -> MultiCropAugment:
     )
 
 
+def _init_loader_worker(worker_id: int) -> None:
+    # A signal sent to the whole process group must not kill the workers mid-batch: the
+    # training process handles it and shuts them down after its checkpoint.
+    ignore_stop_signals()
+    init_loader_worker(get_worker_info().dataset)
+
+
 def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataLoader:
     """This rank's share of each global batch, from global sample position ``start_position``."""
     batch_size, workers = cfg.train.batch_size_per_gpu, cfg.train.num_workers
@@ -135,9 +151,7 @@ def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataL
         "pin_memory": ctx.device.type == "cuda",
         "persistent_workers": workers > 0,
         "prefetch_factor": 4 if workers > 0 else None,
-        # A signal sent to the whole process group must not kill the workers mid-batch: the
-        # training process handles it and shuts them down after its checkpoint.
-        "worker_init_fn": ignore_stop_signals if workers > 0 else None,
+        "worker_init_fn": _init_loader_worker if workers > 0 else None,
     }
     if cfg.train.dataset.source == "shards":
         stream = open_shard_stream(cfg, start_position, ctx)
@@ -159,6 +173,18 @@ def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataL
         drop_last=True,
         **loader_options,
     )
+
+
+def describe_data(cfg: DictConfig, dataset: object) -> str:
+    """Which data a run reads, for the start line: source, location, split and sample count."""
+    spec = cfg.train.dataset
+    count = dataset.manifest["total_samples"] if isinstance(dataset, ShardStream) else len(dataset)
+    if spec.source == "synthetic":
+        where = "built-in synthetic tiles"
+    else:
+        where = f"{spec.source} at {spec.uri}"
+    split = f", split {spec.split}" if spec.source in ("sen12ms", "satlas") else ""
+    return f"{where}{split}: {count} samples"
 
 
 def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) -> ShardStream:
@@ -214,7 +240,10 @@ def _clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
-def _check_finite(losses: dict[str, float], first_step: int, last_step: int, ckpt: str | None):
+def _check_finite(
+    losses: dict[str, float], first_step: int, last_step: int, good: tuple[int, str] | None
+) -> None:
+    """Stop on a NaN/inf loss, naming the newest checkpoint saved while the loss was healthy."""
     bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
     if not bad:
         return
@@ -223,11 +252,17 @@ def _check_finite(losses: dict[str, float], first_step: int, last_step: int, ckp
         if first_step == last_step
         else f"between steps {first_step} and {last_step}"
     )
-    keep = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+    if good is None:
+        keep = "no checkpoint was saved while the loss was healthy; start over with --no-resume"
+    else:
+        keep = (
+            f"the last good checkpoint (saved before any loss spike) is {good[1]}; rerun with "
+            f"--resume-from-step {good[0]} (later checkpoints are kept aside)"
+        )
     raise TrainingDivergedError(
         f"loss became non-finite {where} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
         f"training stopped without saving, {keep}. Lower optim.base_lr or optim.clip_grad, "
-        "or check the input data, then rerun: it resumes from the last good checkpoint."
+        "or check the input data."
     )
 
 
@@ -235,7 +270,12 @@ class Trainer:
     """One run: builds model, optimiser, data and schedules once; ``run`` steps until the end."""
 
     def __init__(
-        self, cfg: DictConfig, output_dir: Path, resume: bool = True, preset: str | None = None
+        self,
+        cfg: DictConfig,
+        output_dir: Path,
+        resume: bool = True,
+        preset: str | None = None,
+        resume_from_step: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.preset = preset or "default"
@@ -245,8 +285,7 @@ class Trainer:
         )
         self.device = self.ctx.device
         if self.ctx.is_main:
-            self.paths = prepare_output_dir(output_dir, archive_checkpoints=not resume)
-            self.paths.config.write_text(config_to_yaml(cfg))
+            self.paths = prepare_output_dir(output_dir, archive_previous_run=not resume)
         barrier()  # the directory exists (and old checkpoints are set aside) for every rank
         self.paths = output_paths(output_dir)
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
@@ -266,17 +305,22 @@ class Trainer:
         self.modalities = modalities(cfg)
         stats_file = cfg.train.dataset.stats or None
         self.normalizers = {
-            name: BandNormalizer(*normalizer_stats(stats_file, name, layout)).to(self.device)
+            name: BandNormalizer(
+                *normalizer_stats(stats_file, name, layout, list(cfg.train.dataset.bands))
+            ).to(self.device)
             for name in self.modalities
         }
         self.uses_time = cfg.student.temporal_embedding
         self.augment = make_augment(cfg)
         self.checkpointer = self._make_checkpointer(resume)
+        self.divergence = DivergenceGuard(cfg.train.loss_spike_factor)
         self.start_step: int = 0
         self.last_checkpoint: str | None = None
         self.samples_seen = 0  # global sample position: where the data stream resumes
         if resume:
-            self._restore()
+            self._restore(resume_from_step)
+        if self.ctx.is_main:  # only a start that got this far replaces the run's config.yaml
+            self.paths.config.write_text(config_to_yaml(cfg))
 
     def _make_checkpointer(self, resume: bool) -> Checkpointer:
         store = open_checkpoint_store(self.cfg, self.paths.root)
@@ -297,13 +341,39 @@ class Trainer:
             pinned_staging=self.device.type == "cuda",
         )
 
-    def _restore(self) -> None:
+    def _check_resumable(self, info: CheckpointInfo) -> None:
+        """Refuse a checkpoint written for another model; log the settings that changed."""
+        location = self.checkpointer.store.location(info.step)
+        shaping, other = config_changes(info.config, self.cfg)
+        if shaping:
+            raise CheckpointError(
+                f"the config changed since {location} was saved: {'; '.join(shaping)}. These "
+                "keys shape the model, so its weights cannot load; use the saved values, "
+                "--no-resume, or a new --output-dir (nothing was changed)"
+            )
+        if other and self.ctx.is_main:
+            log.info("resuming with changed settings: %s", "; ".join(other))
+
+    def _restore(self, only_step: int | None) -> None:
         started = time.perf_counter()
-        info = self.checkpointer.load_latest(self.model, self.optimizer)
+        if only_step is not None:
+            if self.ctx.is_main:
+                aside = self.checkpointer.store.set_aside_after(only_step)
+                if aside is not None:
+                    log.warning(
+                        "--resume-from-step %d: kept the later checkpoints aside in %s",
+                        only_step,
+                        aside,
+                    )
+            barrier()
+        info = self.checkpointer.load_latest(
+            self.model, self.optimizer, check=self._check_resumable, only_step=only_step
+        )
         if info is None:
             return
         self.start_step, self.samples_seen = info.step, info.samples_seen
         self.last_checkpoint = self.checkpointer.store.location(info.step)
+        self.divergence.good_step = self.checkpointer.protected_step = info.step
         log.info(
             "resumed from %s (step %d, saved by %d ranks, now %d) in %.1fs",
             self.last_checkpoint,
@@ -413,6 +483,12 @@ class Trainer:
         metrics.observe_checkpoint(outcome.step, outcome.seconds, outcome.committed)
         if outcome.committed:
             self.last_checkpoint = outcome.location
+            self.divergence.committed(outcome.step)
+            self.checkpointer.protected_step = self.divergence.good_step
+
+    def _good_checkpoint(self) -> tuple[int, str] | None:
+        step = self.divergence.good_step
+        return None if step is None else (step, self.checkpointer.store.location(step))
 
     def _scalars(self, step: int) -> dict[str, float]:
         s = self.schedules
@@ -432,9 +508,8 @@ class Trainer:
             last_checkpoint=self.last_checkpoint,
         )
         log.info(
-            "training %s/%d on %s (%s) x %d ranks for %d steps, batch %d per rank, output %s",
-            cfg.student.arch,
-            cfg.student.patch_size,
+            "training %s on %s (%s) x %d ranks for %d steps, batch %d per rank, output %s",
+            describe_encoders(cfg),
             self.device,
             "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
             self.ctx.world_size,
@@ -449,21 +524,31 @@ class Trainer:
         self.model.train()
         reporter = ProgressReporter(self.paths.train_log, steps, self.global_batch_size)
         reporter.start(self.start_step)
-        metrics = start_metrics(cfg, self.ctx, preset=self.preset)
-        batches = None
+        if self.ctx.is_main:
+            reporter.drop_records_after(self.start_step)
+        metrics: TrainingMetrics | DisabledMetrics = DisabledMetrics()
+        batches = loader = None
         window_start, running = self.start_step, {}
         stop = stop or StopSignal()
         try:
-            metrics.set_resumed_from(self.start_step)
             loader = make_loader(cfg, self.samples_seen, self.ctx)
+            # Forks the loader workers before the metrics socket exists: a worker that inherited
+            # it would hold the port after this process died.
             batches = iter(loader)
+            if self.ctx.is_main:
+                log.info("data: %s", describe_data(cfg, loader.dataset))
+            metrics = start_metrics(cfg, self.ctx, preset=self.preset)
+            metrics.set_resumed_from(self.start_step)
             metrics.watch_data(loader.dataset)
             for step in range(self.start_step, steps):
                 started = time.perf_counter()
                 batch = next(batches)
+                raise_worker_error(batch)
                 data_wait = time.perf_counter() - started
                 if WORKER_STATS_KEY in batch:
-                    metrics.observe_worker_stats(*batch.pop(WORKER_STATS_KEY))
+                    worker_id, stats = batch.pop(WORKER_STATS_KEY)
+                    merge_worker_findings(loader.dataset, stats["findings"])
+                    metrics.observe_worker_stats(worker_id, stats)
                 for name, value in self.train_step(batch, step).items():
                     running[name] = running.get(name, 0.0) + value
                 self.samples_seen += self.global_batch_size
@@ -479,16 +564,18 @@ class Trainer:
                     losses = mean_over_ranks(running, done - window_start)
                     scalars = self._scalars(step)
                     metrics.observe_interval(losses, scalars)
+                    self.divergence.observe(done, losses["total"])
                     if not all(math.isfinite(value) for value in losses.values()):
-                        # A save still in flight holds the last good weights: commit it first.
+                        # A save still in flight may hold the last good weights: commit it first.
                         self._ended(self.checkpointer.wait(), metrics)
-                    _check_finite(losses, window_start + 1, done, self.last_checkpoint)
+                    _check_finite(losses, window_start + 1, done, self._good_checkpoint())
                     window_start, running = done, {}
                     if self.ctx.is_main:
                         record = reporter.report(done, losses, scalars)
                         result.history.append(record)
                     stopping = stop.on_any_rank(self.device)
                 if is_ckpt_step or stopping is not None:
+                    self.divergence.saving(done)
                     started = time.perf_counter()
                     self._ended(self.save(done), metrics)
                     metrics.observe_checkpoint_stall(time.perf_counter() - started)
@@ -499,7 +586,9 @@ class Trainer:
                     self._stop_after_checkpoint(done, stopping, metrics)
             self._ended(self.checkpointer.wait(), metrics)
         finally:
-            del batches  # stops the loader's worker processes
+            # Drop every reference to the loader's iterator, which stops its worker processes
+            # (persistent workers live as long as the loader).
+            batches = loader = None
             metrics.close()
         result.last_checkpoint = self.last_checkpoint
         return result
@@ -516,7 +605,11 @@ def mean_over_ranks(running: dict[str, Tensor], n_steps: int) -> dict[str, float
 
 
 def train(
-    cfg: DictConfig, output_dir: Path, resume: bool = True, preset: str | None = None
+    cfg: DictConfig,
+    output_dir: Path,
+    resume: bool = True,
+    preset: str | None = None,
+    resume_from_step: int | None = None,
 ) -> TrainResult:
     """Run (or resume) the pretraining described by ``cfg``; ``preset`` names it in metrics."""
     # Installed before the model is built: a signal that arrives during start-up is honoured at
@@ -524,7 +617,7 @@ def train(
     stop = StopSignal()
     stop.install()
     try:
-        result = Trainer(cfg, output_dir, resume, preset).run(stop)
+        result = Trainer(cfg, output_dir, resume, preset, resume_from_step).run(stop)
     finally:
         stop.restore()
     # An explicit teardown on success: a process group left to interpreter exit can abort the

@@ -228,19 +228,28 @@ class TrainingMetrics:
         self._interval_steps, self._interval_seconds = 0, 0.0
         self._define_families()
         self._set_run_info(ctx, preset)
-        self.port = settings.port + ctx.local_rank
-        try:
-            self._server, self._thread = start_http_server(
-                self.port, addr=settings.host, registry=self.registry
-            )
-        except OSError as exc:
-            raise RsdinoError(
-                f"metrics port {self.port} (metrics.port={settings.port} + local rank "
-                f"{ctx.local_rank}) on {settings.host} is unavailable ({exc.strerror}); set "
-                "metrics.port to a free range or metrics.enabled=false"
-            ) from exc
-        host = socket.gethostname() if settings.host in ("", "0.0.0.0", "::") else settings.host
-        self.url = f"http://{host}:{self.port}/metrics"
+        host, ports = metrics_address(settings, ctx)
+        self._server, self._thread, self.port = self._serve(host, ports, settings, ctx)
+        shown = socket.gethostname() if host in ("", "0.0.0.0", "::") else host
+        self.url = f"http://{shown}:{self.port}/metrics"
+
+    def _serve(
+        self, host: str, ports: range, settings: DictConfig, ctx: DistContext
+    ) -> tuple[Any, Any, int]:
+        error: OSError | None = None
+        for port in ports:
+            try:
+                return (*start_http_server(port, addr=host, registry=self.registry), port)
+            except OSError as exc:
+                error = exc
+        assert error is not None
+        tried = f"port {ports[0]}" if len(ports) == 1 else f"ports {ports[0]}-{ports[-1]}"
+        setting = "null" if settings.port is None else settings.port
+        raise RsdinoError(
+            f"metrics {tried} (metrics.port={setting} + local rank {ctx.local_rank}) on {host} "
+            f"is unavailable ({error.strerror}); set metrics.port to a free range or "
+            "metrics.enabled=false"
+        ) from error
 
     def _family(
         self, kind: type, name: str, doc: str, labels: tuple[str, ...] = (), **kw: Any
@@ -384,20 +393,13 @@ class TrainingMetrics:
         self._worker_counts[worker_id] = counts
 
     def _update_data_counts(self) -> None:
-        """Sum the training process's own counts and every worker's latest into the counters."""
-        everyone = list(self._worker_counts.values())
+        """Bad samples as the training process knows them (workers' findings are merged into
+        its source), storage requests summed over it and every worker's latest counts."""
+        snapshots = [counts["storage"] for counts in self._worker_counts.values()]
         if self._dataset is not None:
-            everyone.append(
-                {
-                    "data_errors": data_error_counts(self._dataset),
-                    "storage": storage_snapshot(self._dataset),
-                }
-            )
-        errors: collections.Counter[str] = collections.Counter()
-        for counts in everyone:
-            errors.update(counts["data_errors"])
-        self.update_data_errors(errors)
-        snapshots = [counts["storage"] for counts in everyone if counts["storage"] is not None]
+            self.update_data_errors(data_error_counts(self._dataset))
+            snapshots.append(storage_snapshot(self._dataset))
+        snapshots = [snapshot for snapshot in snapshots if snapshot is not None]
         if snapshots:
             self.update_storage(_sum_snapshots(snapshots))
 
@@ -485,6 +487,26 @@ class DisabledMetrics:
         pass
 
 
+DEFAULT_METRICS_PORT = 9321
+# A local run whose default port is taken (another run, another tool) tries this many more.
+_LOCAL_PORT_TRIES = 50
+
+
+def metrics_address(settings: DictConfig, ctx: DistContext) -> tuple[str, range]:
+    """Where this rank listens: the host and the ports to try, first free one wins.
+
+    A single local process listens on loopback and moves to the next free port when the default
+    one is taken, so a laptop run never clashes with another; a distributed run (torchrun, srun,
+    a Kubernetes pod) keeps the fixed port ``metrics.port + local rank`` that Prometheus scrapes.
+    """
+    alone = not ctx.distributed and "LOCAL_RANK" not in os.environ
+    host = settings.host if settings.host != "auto" else ("127.0.0.1" if alone else "0.0.0.0")
+    base = DEFAULT_METRICS_PORT if settings.port is None else settings.port
+    first = base + ctx.local_rank
+    tries = _LOCAL_PORT_TRIES if alone and settings.port is None else 1
+    return host, range(first, first + tries)
+
+
 def start_metrics(
     cfg: DictConfig, ctx: DistContext, preset: str
 ) -> TrainingMetrics | DisabledMetrics:
@@ -493,10 +515,5 @@ def start_metrics(
         return DisabledMetrics()
     metrics = TrainingMetrics(cfg.metrics, ctx, estimate_step_cost(cfg), preset)
     if ctx.is_main:
-        log.info(
-            "metrics served at %s (rank %d; local rank r serves port %d + r)",
-            metrics.url,
-            ctx.rank,
-            cfg.metrics.port,
-        )
+        log.info("metrics served at %s (rank %d)", metrics.url, ctx.rank)
     return metrics

@@ -37,11 +37,13 @@ def output_paths(root: Path) -> OutputPaths:
     )
 
 
-def prepare_output_dir(root: Path, archive_checkpoints: bool = False) -> OutputPaths:
-    """Create the run directory; with ``archive_checkpoints`` set aside existing checkpoints.
+def prepare_output_dir(root: Path, archive_previous_run: bool = False) -> OutputPaths:
+    """Create the run directory; with ``archive_previous_run`` set aside an earlier run in it.
 
     Starting fresh (``--no-resume``) in a directory that already holds checkpoints must neither
-    resume from them nor overwrite them, so they are renamed to ``checkpoints.old-<time>``.
+    resume from them nor overwrite them, so they are renamed to ``checkpoints.old-<time>``; its
+    ``train_log.jsonl`` likewise becomes ``train_log.old-<time>.jsonl``, so the new run's log
+    holds the new run alone.
     """
     if root.exists() and not root.is_dir():
         raise OutputDirError(
@@ -55,8 +57,11 @@ def prepare_output_dir(root: Path, archive_checkpoints: bool = False) -> OutputP
     if not os.access(root, os.W_OK | os.X_OK):
         raise OutputDirError(f"output directory '{root}' is not writable by this user")
     paths = output_paths(root)
-    if archive_checkpoints and paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir()):
-        archive = root / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if archive_previous_run and paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir()):
+        archive = root / f"checkpoints.old-{stamp}"
         paths.checkpoints.rename(archive)
         log.warning("--no-resume: kept the existing checkpoints aside in %s", archive)
+    if archive_previous_run and paths.train_log.exists():
+        paths.train_log.rename(root / f"train_log.old-{stamp}.jsonl")
     return paths

@@ -15,7 +15,9 @@ signals (:func:`ignore_stop_signals`) and are shut down by the training process 
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import signal
 import threading
 from types import FrameType
@@ -44,6 +46,19 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT to the training process."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    # multiprocessing's own exit hook terminates daemonic children with SIGTERM, which loader
+    # workers ignore, then joins them forever. Workers still alive at exit (an error unwound
+    # past their DataLoader) are killed here first; atexit runs this hook before that one.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+atexit.register(_kill_leftover_workers)
 
 
 class StopSignal:

@@ -35,6 +35,18 @@ class ProgressReporter:
         self._last_time = time.perf_counter()
         self._last_step = step
 
+    def drop_records_after(self, step: int) -> None:
+        """Resuming at ``step``: records of later steps belong to work the restart redoes, so
+        the log keeps one record per step (written to a temp file, then renamed)."""
+        if not self.log_path.exists():
+            return
+        lines = self.log_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            partial = self.log_path.with_name(self.log_path.name + ".tmp")
+            partial.write_text("".join(kept))
+            partial.replace(self.log_path)
+
     def report(self, step: int, losses: dict[str, float], scalars: dict[str, float]) -> dict:
         """``step`` is the number of completed steps."""
         now = time.perf_counter()

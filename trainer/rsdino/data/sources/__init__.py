@@ -25,6 +25,7 @@ from rsdino.data.sources.geotiff import GeoTiffFolderSource
 from rsdino.data.sources.satlas import SatlasSource
 from rsdino.data.sources.sen12ms import Sen12MSSource
 from rsdino.data.storage import Store
+from rsdino.data.worker_stats import error_batch, in_loader_worker
 from rsdino.errors import RsdinoError
 
 __all__ = [
@@ -72,9 +73,16 @@ class SkipBadSamples(Dataset):
         size = len(self.source)
         if not 0 <= index < size:
             raise IndexError(f"index {index} out of range for {size} samples")
-        for offset in range(size):
-            try:
-                return self.source[(index + offset) % size]
-            except SkipSample:
-                continue
-        raise RsdinoError(f"all {size} samples of the dataset are bad; see the logged data errors")
+        try:
+            for offset in range(size):
+                try:
+                    return self.source[(index + offset) % size]
+                except SkipSample:
+                    continue
+            raise RsdinoError(
+                f"all {size} samples of the dataset are bad; see the logged data errors"
+            )
+        except RsdinoError as error:
+            if not in_loader_worker():
+                raise
+            return error_batch(error)

@@ -21,6 +21,7 @@ import rasterio.errors
 import rasterio.io
 import rasterio.session
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from rsdino.data.bands import S1_BANDS
 from rsdino.errors import ExitCode, RsdinoError
@@ -81,11 +82,18 @@ class SkipSample(Exception):
         self.key = key
 
 
+# One bad-data finding as it travels from a loader worker: (kind, key, message, log level).
+Finding = tuple[str, str, str, int]
+
+
 class BadDataPolicy:
     """Counts bad data per kind, logs each bad key once, and either skips or fails.
 
     Counts are of distinct keys, so reading a bad sample again in a later epoch does not inflate
-    them. With DataLoader workers each worker process keeps its own counts.
+    them. A DataLoader worker holds a copy of the source: there a new finding is only queued in
+    ``unsent``; the worker ships it with its next batch and the training process :meth:`merge` s
+    it into its own policy, which logs and counts it once for the whole run, whichever worker (or
+    how many) met the key.
     """
 
     def __init__(self, on_error: str) -> None:
@@ -93,6 +101,7 @@ class BadDataPolicy:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
         self.on_error = on_error
         self.error_counts: dict[str, int] = {}
+        self.unsent: list[Finding] = []
         self._seen: set[tuple[str, str]] = set()
 
     def note(self, kind: str, key: str, message: str, level: int = logging.WARNING) -> None:
@@ -101,7 +110,15 @@ class BadDataPolicy:
             return
         self._seen.add((kind, key))
         self.error_counts[kind] = self.error_counts.get(kind, 0) + 1
-        logger.log(level, "%s: %s", kind, message)
+        if get_worker_info() is None:
+            logger.log(level, "%s: %s", kind, message)
+        else:
+            self.unsent.append((kind, key, message, level))
+
+    def merge(self, findings: list[Finding]) -> None:
+        """Findings of a loader worker, counted and logged here unless already known."""
+        for kind, key, message, level in findings:
+            self.note(kind, key, message, level)
 
     def at_index(self, error: DataError) -> None:
         """A sample found bad while indexing: fail, or count it so the caller can drop it."""

@@ -80,12 +80,12 @@ class SatlasSource(Dataset):
             raise ValueError(f"split must name one folder at the dataset root, got {split!r}")
         self.split = split
         self._read_bytes = read_bytes
-        self._policy = BadDataPolicy(on_error)
+        self.bad_data = BadDataPolicy(on_error)
         self._tiles = self._index(list_keys(f"{split}/"))
 
     @property
     def error_counts(self) -> dict[str, int]:
-        return self._policy.error_counts
+        return self.bad_data.error_counts
 
     @property
     def keys(self) -> list[str]:
@@ -99,7 +99,7 @@ class SatlasSource(Dataset):
         try:
             return self._read(image, tile)
         except DataError as error:
-            self._policy.at_read(error)
+            self.bad_data.at_read(error)
 
     def _index(self, keys: list[str]) -> list[tuple[str, str]]:
         """(image_dir, tile) of every tile that has all band groups."""
@@ -114,7 +114,7 @@ class SatlasSource(Dataset):
         for image, tile in sorted(groups_of_tile):
             missing = [group for group in wanted if group not in groups_of_tile[image, tile]]
             if missing:
-                self._policy.at_index(
+                self.bad_data.at_index(
                     MissingPartnerError(
                         f"{self.split}/{image}/{tile}",
                         f"tile lacks band groups {', '.join(missing)}",

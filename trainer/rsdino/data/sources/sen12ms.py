@@ -129,7 +129,7 @@ class Sen12MSSource(Dataset):
         self.layout = layout
         self.multimodal = multimodal
         self._read_bytes = read_bytes
-        self._policy = BadDataPolicy(on_error)
+        self.bad_data = BadDataPolicy(on_error)
         if layout == "tree":
             self._pairs = self._index_tree(list_keys(""))
         else:
@@ -137,7 +137,7 @@ class Sen12MSSource(Dataset):
 
     @property
     def error_counts(self) -> dict[str, int]:
-        return self._policy.error_counts
+        return self.bad_data.error_counts
 
     @property
     def keys(self) -> list[str]:
@@ -152,7 +152,7 @@ class Sen12MSSource(Dataset):
         try:
             return self._read(pair)
         except DataError as error:
-            self._policy.at_read(error)
+            self.bad_data.at_read(error)
 
     def _index_tree(self, keys: list[str]) -> list[_Pair]:
         """Group tree files by (ROI, tile, time, patch) and pair the sensors of each group."""
@@ -198,7 +198,7 @@ class Sen12MSSource(Dataset):
             needed = [s2_key, s1_key] if self.multimodal else [s2_key]
             absent = [key for key in needed if key not in present]
             if absent:
-                self._policy.at_index(
+                self.bad_data.at_index(
                     MissingPartnerError(
                         absent[0],
                         f"listed in {pairs_file} but absent",
@@ -213,7 +213,7 @@ class Sen12MSSource(Dataset):
     def _tree_pair(self, s1_key: str | None, s2_key: str | None) -> _Pair | None:
         """The pair of one tree acquisition, or None (counted) when a partner is missing."""
         if s2_key is None:  # then the group holds its S1 file only
-            self._policy.at_index(
+            self.bad_data.at_index(
                 MissingPartnerError(
                     str(s1_key),
                     "Sentinel-1 file without its Sentinel-2 partner",
@@ -222,7 +222,7 @@ class Sen12MSSource(Dataset):
             )
             return None
         if self.multimodal and s1_key is None:
-            self._policy.at_index(
+            self.bad_data.at_index(
                 MissingPartnerError(
                     s2_key,
                     "Sentinel-2 file without its Sentinel-1 partner",
@@ -242,6 +242,6 @@ class Sen12MSSource(Dataset):
         return sample
 
     def _read_sar(self, key: str, s2: np.ndarray) -> np.ndarray:
-        s1 = prepare_sar(decode_geotiff(self._read_bytes(key), key), key, self._policy)
+        s1 = prepare_sar(decode_geotiff(self._read_bytes(key), key), key, self.bad_data)
         check_same_size(s1, s2, key, "Sentinel-1 and Sentinel-2 sizes differ")
         return s1
