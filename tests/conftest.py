@@ -34,6 +34,7 @@ TINY_OVERRIDES = [
     "dino.head_hidden_dim=32",
     "dino.head_bottleneck_dim=16",
     "metrics.enabled=false",  # tests that need the exporter turn it on with their own port
+    "curves.tensorboard=false",  # likewise the curves (tests/test_curves.py)
 ]
 
 

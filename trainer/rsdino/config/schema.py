@@ -187,6 +187,13 @@ class MetricsConfig:
 
 
 @dataclass
+class CurvesConfig:
+    tensorboard: str = MISSING
+    wandb: bool = MISSING
+    wandb_project: str = MISSING
+
+
+@dataclass
 class RootConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IBotConfig = field(default_factory=IBotConfig)
@@ -198,3 +205,4 @@ class RootConfig:
     crops: CropsConfig = field(default_factory=CropsConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    curves: CurvesConfig = field(default_factory=CurvesConfig)

@@ -26,6 +26,9 @@ PATCH_EMBED_ADAPT = ("mean", "rgb")
 FUSE_ALGS = ("linear", "xattn")
 
 
+TENSORBOARD_MODES = ("auto", "true", "false")
+
+
 def _choice(problems: list[str], key: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         problems.append(f"{key}={value!r} is not one of {', '.join(choices)}")
@@ -230,6 +233,7 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _check(problems, train.log_every_steps >= 1, "train.log_every_steps must be >= 1")
     _check(problems, train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     _check(problems, train.loss_spike_factor >= 0, "train.loss_spike_factor must be >= 0")
+    _choice(problems, "curves.tensorboard", str(cfg.curves.tensorboard).lower(), TENSORBOARD_MODES)
     _choice(problems, "train.centering", train.centering, CENTERING_MODES)
     _choice(problems, "train.device", train.device, DEVICES)
     _choice(problems, "train.precision", train.precision, PRECISIONS)

@@ -46,6 +46,7 @@ from rsdino.train.checkpoint import (
     model_and_optimizer_state,
     open_checkpoint_store,
 )
+from rsdino.train.curves import CurveWriters
 from rsdino.train.dist import DistContext, barrier, init_distributed, shutdown_distributed
 from rsdino.train.divergence import DivergenceGuard
 from rsdino.train.fsdp import reshard_teacher, shard_model
@@ -527,6 +528,7 @@ class Trainer:
         if self.ctx.is_main:
             reporter.drop_records_after(self.start_step)
         metrics: TrainingMetrics | DisabledMetrics = DisabledMetrics()
+        curves = CurveWriters(cfg, self.paths.root, enabled=False)
         batches = loader = None
         window_start, running = self.start_step, {}
         stop = stop or StopSignal()
@@ -538,6 +540,7 @@ class Trainer:
             if self.ctx.is_main:
                 log.info("data: %s", describe_data(cfg, loader.dataset))
             metrics = start_metrics(cfg, self.ctx, preset=self.preset)
+            curves = CurveWriters(cfg, self.paths.root, enabled=self.ctx.is_main)
             metrics.set_resumed_from(self.start_step)
             metrics.watch_data(loader.dataset)
             for step in range(self.start_step, steps):
@@ -573,6 +576,9 @@ class Trainer:
                     if self.ctx.is_main:
                         record = reporter.report(done, losses, scalars)
                         result.history.append(record)
+                        curves.log(
+                            done, {**losses, **scalars, "samples_per_s": record["samples_per_s"]}
+                        )
                     stopping = stop.on_any_rank(self.device)
                 if is_ckpt_step or stopping is not None:
                     self.divergence.saving(done)
@@ -590,6 +596,7 @@ class Trainer:
             # (persistent workers live as long as the loader).
             batches = loader = None
             metrics.close()
+            curves.close()
         result.last_checkpoint = self.last_checkpoint
         return result
 
