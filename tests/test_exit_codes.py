@@ -148,7 +148,7 @@ def test_the_boundary_gives_one_line_and_the_error_s_code(
         "rsdino: error: s2/tile_7.tif: cannot decode; replace the file",
         "rsdino: error: No such file or directory: /no/such/stats.json; check the path and "
         "its permissions",
-        "rsdino: interrupted: stopped at once on a second Ctrl-C; no checkpoint was written",
+        "rsdino: interrupted: stopped at once by Ctrl-C; no checkpoint was written",
     ]
 
 

@@ -78,7 +78,7 @@ def fake_slurm_bin(tmp_path: Path, *, scontrol: bool = True, recorders: bool = F
         write_executable(bin_dir / "scontrol", FAKE_SCONTROL)
     if recorders:
         write_executable(bin_dir / "rsdino", RECORDER)
-        write_executable(bin_dir / "torchrun", RECORDER)
+        write_executable(bin_dir / "rsdino-torchrun", RECORDER)
     return bin_dir
 
 
@@ -222,7 +222,7 @@ def test_sbatch_srun_launcher_environment_and_arguments(tmp_path: Path) -> None:
         assert task["OMP_NUM_THREADS"] == "8"
 
 
-def test_sbatch_torchrun_launcher_starts_one_torchrun_per_node(tmp_path: Path) -> None:
+def test_sbatch_torchrun_launcher_starts_one_rsdino_torchrun_per_node(tmp_path: Path) -> None:
     done, records = run_train_sbatch(
         tmp_path,
         fake_slurm_bin(tmp_path, recorders=True),
@@ -241,7 +241,7 @@ def test_sbatch_torchrun_launcher_starts_one_torchrun_per_node(tmp_path: Path) -
         "--gpus-per-task=8",
         "--cpus-per-task=64",
     ]
-    launched = read_records(records, "torchrun")
+    launched = read_records(records, "rsdino-torchrun")
     assert len(launched) == 2
     assert launched[0]["argv"] == [
         "--nnodes=2",

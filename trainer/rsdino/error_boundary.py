@@ -66,7 +66,7 @@ def run_reporting_errors(command: Callable[[], int], debug: bool = False) -> int
         report(exc.label, str(exc))
         return int(exc.exit_code)
     except KeyboardInterrupt:
-        report("interrupted", "stopped at once on a second Ctrl-C; no checkpoint was written")
+        report("interrupted", "stopped at once by Ctrl-C; no checkpoint was written")
         return int(ExitCode.SIGINT)
     except OSError as exc:
         report("error", f"{_os_error_line(exc)}; check the path and its permissions")

@@ -10,12 +10,14 @@ ExitCode``, Slurm requeue scripts) cannot tell them apart. This wrapper takes th
 - exits with the workers' own code (the first failure's), 128 + N for a worker killed by signal
   N, 128 + N when the launcher itself got signal N (after its workers checkpointed), and
   :attr:`ExitCode.UNAVAILABLE` when the rendezvous or its store is lost;
-- reports each of those as one line instead of a traceback.
+- reports each of those as one line instead of a traceback;
+- works around a torch rendezvous stall (see :func:`_republish_store_address`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,10 +27,16 @@ from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import ProcessFailure, SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousError,
+    RendezvousInfo,
+    RendezvousStoreInfo,
+)
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 from torch.distributed.launcher import api as launcher_api
 
 from rsdino.errors import ExitCode
+from rsdino.train.dist import RENDEZVOUS_ROUND_ENV
 
 log = logging.getLogger("rsdino.launch")
 
@@ -52,6 +60,30 @@ def _known_permanent(code: int) -> bool:
     return ExitCode.is_permanent(code) and code != ExitCode.ERROR
 
 
+def _republish_store_address(handler: DynamicRendezvousHandler) -> RendezvousInfo:
+    """``next_rendezvous``, plus rank 0 publishing the shared store's address in every round.
+
+    With the shared TCP store (torch's default), rank 0 publishes MASTER_ADDR/MASTER_PORT under
+    the round's key prefix only in the round where it first builds that info; an agent that stays
+    rank 0 into a later round skips it. A pod that joins then (a replaced or added Kubernetes pod)
+    waits for keys nobody writes until the store's read timeout (60 s) fails the round, and
+    every agent restarts once more. Writing the same two keys again in each round removes that.
+
+    The round number, the same on every agent of the round, is exported to the workers started
+    next (they inherit this process's environment) as the prefix of their process-group keys.
+    """
+    info = _next_rendezvous(handler)
+    os.environ[RENDEZVOUS_ROUND_ENV] = str(handler._state_holder.state.round)
+    store_info = info.bootstrap_store_info
+    if info.rank == 0 and store_info is not None:
+        info.store.set(RendezvousStoreInfo.MASTER_ADDR_KEY, store_info.master_addr.encode())
+        info.store.set(RendezvousStoreInfo.MASTER_PORT_KEY, str(store_info.master_port).encode())
+    return info
+
+
+_next_rendezvous = DynamicRendezvousHandler.next_rendezvous
+
+
 class _StopOnPermanentFailure(LocalElasticAgent):
     """torchrun's agent, minus the restarts that cannot help."""
 
@@ -69,6 +101,7 @@ class _StopOnPermanentFailure(LocalElasticAgent):
 def main(argv: Sequence[str] | None = None) -> int:
     args = torchrun.parse_args(list(sys.argv[1:] if argv is None else argv))
     launcher_api.LocalElasticAgent = _StopOnPermanentFailure
+    DynamicRendezvousHandler.next_rendezvous = _republish_store_address
     try:
         torchrun.run(args)
     except ChildFailedError as exc:
@@ -99,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(ExitCode.UNAVAILABLE)
     finally:
         launcher_api.LocalElasticAgent = LocalElasticAgent
+        DynamicRendezvousHandler.next_rendezvous = _next_rendezvous
     return 0
 
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from rsdino.errors import ExitCode, RsdinoError
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+# Set by rsdino-torchrun for its workers: the elastic rendezvous round they were started in.
+RENDEZVOUS_ROUND_ENV = "RSDINO_RENDEZVOUS_ROUND"
 
 
 class DistributedError(RsdinoError):
@@ -64,7 +66,10 @@ def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -
     """The TCP store of this attempt, under a prefix unique to the torchrun restart count.
 
     torchrun keeps one store across restarts of the worker group; without a fresh prefix the
-    restarted ranks can read the dead attempt's gloo addresses and fail to connect.
+    restarted ranks can read the dead attempt's gloo addresses and fail to connect. The prefix
+    must be the same on every rank of one group: ``rsdino-torchrun`` exports the rendezvous
+    round, which all agents share. torchrun's restart count is only a stand-in: it is counted per
+    agent, so a recreated pod (count 0) and a surviving one (count 2) would disagree.
     """
     host = os.environ.get("MASTER_ADDR")
     port = os.environ.get("MASTER_PORT")
@@ -82,7 +87,9 @@ def _rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -
         timeout=timeout,
         wait_for_workers=False,
     )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = os.environ.get(
+        RENDEZVOUS_ROUND_ENV, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    )
     return dist.PrefixStore(f"rsdino/attempt_{attempt}", store)
 
 

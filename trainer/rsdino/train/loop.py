@@ -500,8 +500,14 @@ class Trainer:
             "teacher_temp": s.teacher_temp[step],
         }
 
-    def run(self, stop: StopSignal | None = None) -> TrainResult:
-        """Train to the last step; ``stop`` (installed by the caller) ends it early on a signal."""
+    def run(self) -> TrainResult:
+        """Train to the last step, or to a checkpoint at the next interval after SIGTERM/SIGINT.
+
+        The stop handlers are installed here, not at start-up: until the loop runs there is
+        nothing to save, and a process blocked in the rendezvous or a checkpoint load must still
+        die at once when torchrun restarts its group (a Python handler cannot run until the
+        blocking call returns).
+        """
         cfg, steps = self.cfg, self.total_steps
         result = TrainResult(
             final_step=self.start_step,
@@ -531,7 +537,8 @@ class Trainer:
         curves = CurveWriters(cfg, self.paths.root, enabled=False)
         batches = loader = None
         window_start, running = self.start_step, {}
-        stop = stop or StopSignal()
+        stop = StopSignal()
+        stop.install()
         try:
             loader = make_loader(cfg, self.samples_seen, self.ctx)
             # Forks the loader workers before the metrics socket exists: a worker that inherited
@@ -595,6 +602,7 @@ class Trainer:
             # Drop every reference to the loader's iterator, which stops its worker processes
             # (persistent workers live as long as the loader).
             batches = loader = None
+            stop.restore()
             metrics.close()
             curves.close()
         result.last_checkpoint = self.last_checkpoint
@@ -619,14 +627,7 @@ def train(
     resume_from_step: int | None = None,
 ) -> TrainResult:
     """Run (or resume) the pretraining described by ``cfg``; ``preset`` names it in metrics."""
-    # Installed before the model is built: a signal that arrives during start-up is honoured at
-    # the first logging step instead of killing the process.
-    stop = StopSignal()
-    stop.install()
-    try:
-        result = Trainer(cfg, output_dir, resume, preset, resume_from_step).run(stop)
-    finally:
-        stop.restore()
+    result = Trainer(cfg, output_dir, resume, preset, resume_from_step).run()
     # An explicit teardown on success: a process group left to interpreter exit can abort the
     # process (std::terminate in gloo's threads) after training has finished. On failure the
     # process exits without waiting for the other ranks, so torchrun notices and restarts them.
