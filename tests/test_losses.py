@@ -167,19 +167,40 @@ def test_koleo_on_hand_placed_vectors() -> None:
     assert KoLeoLoss()(x).item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_koleo_identical_rows_give_finite_loss_and_zero_gradient() -> None:
-    x = torch.ones(4, 3, requires_grad=True)
-    loss = KoLeoLoss()(x, eps=1e-8)
+def test_koleo_pushes_identical_rows_apart_as_dinov2() -> None:
+    # Four copies of (1, 0, 0). DINOv2's distance ||f - f_nn + eps|| is eps * sqrt(3) for each, so
+    # the loss is -log(eps * (sqrt(3) + 1)). Nearest-neighbour ties go to the lowest index: row 0
+    # -> 1, rows 1, 2, 3 -> 0. With u = (1, 1, 1) / sqrt(3) and g = u / (4 eps (sqrt(3) + 1)),
+    # row 0 gets -g (own term) + 3g (as the others' neighbour), row 1 gets g - g, rows 2 and 3
+    # -g; the normalisation keeps only the part orthogonal to (1, 0, 0).
+    eps = 1e-8
+    x = torch.tensor([[1.0, 0.0, 0.0]] * 4, requires_grad=True)
+    loss = KoLeoLoss()(x, eps=eps)
     loss.backward()
-    assert loss.item() == pytest.approx(-math.log(1e-8), rel=1e-5)
-    assert torch.equal(x.grad, torch.zeros(4, 3))
+    assert loss.item() == pytest.approx(-math.log(eps * (math.sqrt(3) + 1)), rel=1e-6)
+    c = 1 / (4 * eps * (math.sqrt(3) + 1) * math.sqrt(3))  # about 1.06e7
+    expected = torch.tensor([[0, 2 * c, 2 * c], [0, 0, 0], [0, -c, -c], [0, -c, -c]])
+    torch.testing.assert_close(x.grad, expected.float(), rtol=1e-4, atol=1e-3)
+    # One gradient-descent step separates the copies: rows 0 and 2 are no longer identical.
+    with torch.no_grad():
+        stepped = x - 1e-9 * x.grad
+    assert not torch.equal(stepped[0], stepped[2])
 
 
-def test_koleo_duplicates_among_distinct_rows_keep_gradient_finite() -> None:
+def test_koleo_duplicates_among_distinct_rows_on_hand_values() -> None:
+    # Rows 0 and 1 are copies (distance eps * sqrt(2)); row 2 is orthogonal, its neighbour row 0
+    # (tie with row 1, lowest index wins) at distance about sqrt(2).
+    eps = 1e-8
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
-    KoLeoLoss()(x).backward()
+    loss = KoLeoLoss()(x, eps=eps)
+    loss.backward()
+    copy_term = math.log(eps * (math.sqrt(2) + 1))
+    assert loss.item() == pytest.approx(-(2 * copy_term + math.log(math.sqrt(2))) / 3, rel=1e-6)
     assert torch.isfinite(x.grad).all()
-    assert x.grad[2].abs().sum() > 0  # the distinct row is still pushed away
+    # Row 2 is nobody's neighbour: only its own term, -log|f2 - f0|/3, moves it, along the
+    # sphere away from row 0: d/df2 = -(f2 - f0) / (3 |f2 - f0|^2) = (1/6, -1/6), and the
+    # normalisation keeps the component orthogonal to f2 = (0, 1).
+    torch.testing.assert_close(x.grad[2], torch.tensor([1 / 6, 0.0]), rtol=1e-5, atol=1e-6)
 
 
 def test_koleo_single_row_is_zero_with_a_graph() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rsdino.data.masking import BlockMaskGenerator, sample_ibot_masks
+from rsdino.data.masking import BlockMaskGenerator, dinov2_max_num_patches, sample_ibot_masks
 
 GRID = (8, 8)
 NUM_PATCHES = 64
@@ -99,6 +99,67 @@ def test_block_generator_counts() -> None:
     for target in (5, 17, 30):
         count = int(masker(target, generator(target)).sum())
         assert target * 0.75 <= count <= target
+
+
+@pytest.mark.parametrize(
+    ("grid", "expected"),
+    [((16, 16), 128), ((8, 8), 32), ((7, 7), 21), ((5, 5), 10), ((3, 3), 3), ((2, 2), 2),
+     ((1, 1), 0), ((1, 5), 0), ((5, 8), 16)],
+)  # fmt: skip
+def test_max_num_patches_is_half_the_grid_rounded_as_dinov2(
+    grid: tuple[int, int], expected: int
+) -> None:
+    # (side // 2) * side: a 7x7 grid allows 21 patches per block, not 0.5 * 49 = 24.
+    assert dinov2_max_num_patches(grid) == expected
+    assert BlockMaskGenerator(grid).max_num_patches == expected
+
+
+@pytest.mark.parametrize("img_size", [224, 98, 70, 42, 28])
+def test_max_num_patches_equals_dinov2_train_expression(img_size: int) -> None:
+    patch = 14
+    grid = (img_size // patch, img_size // patch)
+    # DINOv2's train.py passes max_num_patches=0.5 * img_size // patch_size * img_size // patch_size
+    assert dinov2_max_num_patches(grid) == int(0.5 * img_size // patch * img_size // patch)
+
+
+def test_block_filling_a_whole_side_is_rejected() -> None:
+    # Aspect fixed to 1: u_area = 0 gives area 4 (a 2x2 block), u_area = 1 gives 4 + 5 = 9 (3x3).
+    square = BlockMaskGenerator((3, 3), max_num_patches=9, min_num_patches=4, min_aspect=1.0)
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    assert square.place_block(mask, 9, u_area=1.0, u_aspect=0.5, u_top=0.0, u_left=0.0) == 0
+    assert not mask.any()  # the 3x3 block spans the grid: DINOv2 wants h < H and w < W
+    # top = int(0.99 * (3 - 2 + 1)) = 1, left = 0: rows 1-2, columns 0-1.
+    assert square.place_block(mask, 9, u_area=0.0, u_aspect=0.5, u_top=0.99, u_left=0.0) == 4
+    assert mask.tolist() == [[False] * 3, [True, True, False], [True, True, False]]
+
+    # Area 3 at aspect 3 is a 3x1 column: too tall for 3 rows, fine for 4.
+    for height, added in ((3, 0), (4, 3)):
+        tall = BlockMaskGenerator((height, 3), max_num_patches=3, min_num_patches=3)
+        assert tall.block_shape(3, u_area=0.0, u_aspect=1.0) == (3, 1)
+        mask = torch.zeros(height, 3, dtype=torch.bool)
+        assert tall.place_block(mask, 3, 0.0, 1.0, 0.0, 0.0) == added
+        assert int(mask.sum()) == added
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 3), (3, 5), (5, 4), (1, 4), (4, 1)])
+def test_no_block_spans_a_side_on_small_and_odd_grids(grid: tuple[int, int]) -> None:
+    height, width = grid
+    masker = BlockMaskGenerator(grid, max_num_patches=height * width, min_num_patches=1)
+    placed = 0
+    for seed in range(200):
+        mask = torch.zeros(grid, dtype=torch.bool)
+        if masker.add_block(mask, height * width, generator(seed)) == 0:
+            continue
+        rows, cols = mask.nonzero(as_tuple=True)
+        assert rows.max() - rows.min() + 1 < height and cols.max() - cols.min() + 1 < width
+        placed += 1
+    # A grid one patch high or wide has room for no block; the others do.
+    assert (placed == 0) == (min(grid) == 1)
+
+
+def test_grid_one_patch_high_is_never_masked() -> None:
+    masks = sample_ibot_masks(4, (1, 6), (0.1, 0.5), 1.0, generator())
+    assert masks.n_masked_patches == 0 and not masks.masks.any()
 
 
 def test_invalid_settings_raise() -> None:

@@ -92,9 +92,23 @@ def test_init_values_mask_token_and_layerscale() -> None:
     assert torch.equal(model.mask_token, torch.zeros(1, 32))
     assert torch.equal(model.blocks[1].ls2.gamma, torch.full((32,), 0.25))
     assert model.cls_token.abs().max() < 1e-4  # normal with std 1e-6
-    no_layerscale = tiny_vit(init_values=None)
-    assert isinstance(no_layerscale.blocks[0].ls1, torch.nn.Identity)
-    assert not any("gamma" in key for key in no_layerscale.state_dict())
+    for off in (None, 0, 0.0):  # DINOv2 configs write layerscale: 0 for "no LayerScale"
+        no_layerscale = tiny_vit(init_values=off)
+        assert isinstance(no_layerscale.blocks[0].ls1, torch.nn.Identity)
+        assert isinstance(no_layerscale.blocks[1].ls2, torch.nn.Identity)
+        assert not any("gamma" in key for key in no_layerscale.state_dict())
+
+
+def test_layerscale_zero_loads_a_checkpoint_without_gammas_and_keeps_the_branches() -> None:
+    torch.manual_seed(0)
+    plain = tiny_vit(init_values=None)
+    zero = tiny_vit(init_values=0)
+    load_pretrained_backbone(zero, plain.state_dict())  # strict: no ls1/ls2 keys expected
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(zero(x), plain(x), rtol=0, atol=0)
+    # A zero gain would have silenced both residual branches: every block an identity map.
+    tokens = zero.prepare_tokens(x)
+    assert not torch.allclose(zero.blocks[0](tokens), tokens)
 
 
 @pytest.mark.parametrize("ffn_layer", ["swiglufused", "swiglu"])
@@ -365,16 +379,20 @@ def test_get_intermediate_layers() -> None:
         model.get_intermediate_layers(x, n=[3])
 
 
-def test_dino_head_gives_cosine_logits() -> None:
+def test_dino_head_gives_cosine_logits_times_the_gain() -> None:
     head = DINOHead(in_dim=2, out_dim=3, nlayers=1, bottleneck_dim=2)
+    assert torch.equal(head.last_layer.weight_g, torch.ones(3, 1))  # DINOv2 starts the gain at 1
     with torch.no_grad():
         head.mlp.weight.copy_(torch.eye(2))
         head.mlp.bias.zero_()
-        head.last_layer.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 1.0]]))
-    out = head(torch.tensor([[2.0, 0.0], [0.0, -5.0]]))
+        head.last_layer.weight_v.copy_(torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 1.0]]))
+    x = torch.tensor([[2.0, 0.0], [0.0, -5.0]])
     # Input rows normalise to (1, 0) and (0, -1); prototypes to (.6, .8), (0, 1), (1, 1)/sqrt 2.
     r = 1 / math.sqrt(2)
-    torch.testing.assert_close(out, torch.tensor([[0.6, 0.0, r], [-0.8, -1.0, -r]]))
+    torch.testing.assert_close(head(x), torch.tensor([[0.6, 0.0, r], [-0.8, -1.0, -r]]))
+    with torch.no_grad():
+        head.last_layer.weight_g.copy_(torch.tensor([[2.0], [0.5], [-1.0]]))
+    torch.testing.assert_close(head(x), torch.tensor([[1.2, 0.0, -r], [-1.6, -0.5, r]]))
 
 
 def test_dino_head_structure_and_output_dim() -> None:
@@ -382,8 +400,8 @@ def test_dino_head_structure_and_output_dim() -> None:
     kinds = [type(m).__name__ for m in head.mlp]
     assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
     assert head(torch.randn(5, 8)).shape == (5, 50)
-    assert head.last_layer.bias is None
-    assert set(head.state_dict()) >= {"last_layer.weight", "mlp.0.weight", "mlp.6.bias"}
+    assert shapes(head.last_layer) == {"weight_g": (50, 1), "weight_v": (50, 4)}
+    assert set(head.state_dict()) >= {"mlp.0.weight", "mlp.6.bias", "mlp.1.running_mean"}
 
 
 def test_clear_errors() -> None:

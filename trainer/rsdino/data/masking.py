@@ -11,14 +11,27 @@ from torch import Tensor
 _ATTEMPTS_PER_BLOCK = 10
 
 
+def dinov2_max_num_patches(grid_size: tuple[int, int]) -> int:
+    """The largest block DINOv2 trains with: half the grid, rounded as its training script does.
+
+    DINOv2 evaluates ``0.5 * img_size // patch_size * img_size // patch_size`` left to right,
+    which is ``(side // 2) * side`` patches: 21 on a 7x7 grid, where ``0.5 * 49`` would give 24.
+    Here the first (height) factor is halved, so non-square grids follow the same rounding.
+    """
+    height, width = grid_size
+    return (height // 2) * width
+
+
 class BlockMaskGenerator:
     """Masks patches of a grid by stacking random rectangles (BEiT's block-wise masking).
 
     Blocks rather than scattered patches make masked-patch prediction need context from further
     away. Each rectangle has an area uniform in [min_num_patches, remaining budget capped at
-    max_num_patches] and a log-uniform aspect ratio; it is kept only if it masks at least one new
-    patch without overshooting the target. Placement stops when the target is reached or when a
-    round of attempts adds nothing, so the count can fall slightly short of the target.
+    max_num_patches] and a log-uniform aspect ratio; as in DINOv2 it must be strictly smaller
+    than the grid on both sides (``h < H``, ``w < W``) and is kept only if it masks at least one
+    new patch without overshooting the target. Placement stops when the target is reached or
+    when a round of attempts adds nothing, so the count can fall slightly short of the target;
+    a grid one patch high or wide has room for no block and is never masked.
     """
 
     def __init__(
@@ -33,11 +46,11 @@ class BlockMaskGenerator:
         if height < 1 or width < 1:
             raise ValueError(f"grid_size must be positive, got {grid_size}")
         if max_num_patches is None:
-            max_num_patches = max(1, height * width // 2)
+            max_num_patches = dinov2_max_num_patches(grid_size)
         # min may exceed max on tiny grids: areas are then drawn from the reversed interval.
-        if min_num_patches < 1 or max_num_patches < 1:
+        if min_num_patches < 1 or max_num_patches < 0:
             raise ValueError(
-                "min_num_patches and max_num_patches must be >= 1, "
+                "need min_num_patches >= 1 and max_num_patches >= 0, "
                 f"got {min_num_patches} and {max_num_patches}"
             )
         if max_aspect is None:
@@ -56,34 +69,50 @@ class BlockMaskGenerator:
         count = 0
         while count < num_masking_patches:
             budget = min(num_masking_patches - count, self.max_num_patches)
-            added = self._add_block(mask, budget, generator)
+            added = self.add_block(mask, budget, generator)
             if added == 0:
                 break
             count += added
         return mask
 
-    def _add_block(self, mask: torch.Tensor, budget: int, generator: torch.Generator) -> int:
+    def add_block(self, mask: torch.Tensor, budget: int, generator: torch.Generator) -> int:
         """Try to mask one rectangle adding 1..budget new patches; return how many it added."""
         for _ in range(_ATTEMPTS_PER_BLOCK):
-            u_area, u_aspect, u_top, u_left = torch.rand(4, generator=generator).tolist()
-            # When the budget is below min_num_patches the interval is reversed, as in BEiT.
-            area = self.min_num_patches + u_area * (budget - self.min_num_patches)
-            log_aspect = self.log_aspect_range[0] + u_aspect * (
-                self.log_aspect_range[1] - self.log_aspect_range[0]
-            )
-            aspect = math.exp(log_aspect)
-            block_height = round(math.sqrt(area * aspect))
-            block_width = round(math.sqrt(area / aspect))
-            if not (1 <= block_height <= self.height and 1 <= block_width <= self.width):
-                continue
-            top = int(u_top * (self.height - block_height + 1))
-            left = int(u_left * (self.width - block_width + 1))
-            block = mask[top : top + block_height, left : left + block_width]
-            added = block.numel() - int(block.sum())
-            if 0 < added <= budget:
-                block.fill_(True)
+            draws = torch.rand(4, generator=generator).tolist()
+            added = self.place_block(mask, budget, *draws)
+            if added:
                 return added
         return 0
+
+    def block_shape(self, budget: int, u_area: float, u_aspect: float) -> tuple[int, int]:
+        """Height and width of the rectangle that two uniform draws in [0, 1) describe."""
+        # When the budget is below min_num_patches the interval is reversed, as in BEiT.
+        area = self.min_num_patches + u_area * (budget - self.min_num_patches)
+        low, high = self.log_aspect_range
+        aspect = math.exp(low + u_aspect * (high - low))
+        return round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+
+    def place_block(
+        self,
+        mask: torch.Tensor,
+        budget: int,
+        u_area: float,
+        u_aspect: float,
+        u_top: float,
+        u_left: float,
+    ) -> int:
+        """Mask the rectangle four uniform draws describe, if it fits; return the patches added."""
+        block_height, block_width = self.block_shape(budget, u_area, u_aspect)
+        if not (1 <= block_height < self.height and 1 <= block_width < self.width):
+            return 0
+        top = int(u_top * (self.height - block_height + 1))
+        left = int(u_left * (self.width - block_width + 1))
+        block = mask[top : top + block_height, left : left + block_width]
+        added = block.numel() - int(block.sum())
+        if not 0 < added <= budget:
+            return 0
+        block.fill_(True)
+        return added
 
 
 @dataclass

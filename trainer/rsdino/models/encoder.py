@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from rsdino.models.fusion import CrossAttentionFusion, LinearFusion
+from rsdino.models.layers import weight_decay_exempt
 from rsdino.models.temporal import TemporalEmbedding
 from rsdino.models.vit import VisionTransformer
 
@@ -69,6 +70,13 @@ class RemoteSensingEncoder(nn.Module):
             if self.is_multimodal
             else None
         )
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names trained without weight decay: biases, norms, LayerScale gains.
+
+        The ``missing_tokens`` are learned tokens and decay, like DINOv2's ``cls_token``.
+        """
+        return weight_decay_exempt(self)
 
     @property
     def is_multimodal(self) -> bool:

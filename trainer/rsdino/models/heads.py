@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rsdino.models.layers import weight_decay_exempt
 
 
 def _build_mlp(
@@ -26,12 +29,42 @@ def _build_mlp(
     return nn.Sequential(*layers)
 
 
-class DINOHead(nn.Module):
-    """MLP to a bottleneck, L2-normalise, then cosine-similarity logits against prototypes.
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight ``weight_g * weight_v / ||weight_v||`` per output row.
 
-    ``last_layer`` holds the prototypes; its rows are L2-normalised in ``forward``. That is DINOv2's
-    weight-normalised layer with the gain frozen at 1, written without a parametrization so that
-    FSDP2 can shard the plain weight.
+    The DINO head's prototypes, as DINOv2's ``weight_norm(nn.Linear)``: same state_dict names
+    (``weight_g`` [out, 1], ``weight_v`` [out, in]), so DINOv2 training checkpoints load, and a
+    trainable gain. Written with two plain parameters rather than a parametrization so that FSDP2
+    shards them and distributed checkpoints save them like any other weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        # nn.Linear's initialisation, which DINOv2's layer keeps; the gain then starts at 1.
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+
+    def normalised_weight(self) -> Tensor:
+        """The effective [out, in] weight, computed in float32 whatever the parameters' dtype."""
+        direction = self.weight_v.float()
+        row_norms = torch.linalg.vector_norm(direction, dim=1, keepdim=True)
+        return direction * (self.weight_g.float() / row_norms)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.normalised_weight().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class DINOHead(nn.Module):
+    """MLP to a bottleneck, L2-normalise, then scaled cosine-similarity logits to prototypes.
+
+    ``last_layer`` holds the prototypes as a :class:`WeightNormLinear`: each logit is the cosine
+    similarity to a prototype times that prototype's trainable gain (1 at the start), as in DINOv2.
     """
 
     def __init__(
@@ -53,11 +86,18 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names trained without weight decay: the MLP's biases (and norms, if any).
+
+        The prototypes' gain ``last_layer.weight_g`` decays, as it does in DINOv2.
+        """
+        return weight_decay_exempt(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
         # 1e-12 underflows to zero in float16; bfloat16 gets the same floor for its coarse mantissa.
         eps = 1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12
         x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=1))
+        return self.last_layer(x)

@@ -100,6 +100,45 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+def layer_scale(dim: int, init_values: float | None) -> nn.Module:
+    """A LayerScale, or Identity when ``init_values`` is None or 0: DINOv2 configs mean "off".
+
+    A zero gain would silence every residual branch; DINOv2 treats 0 as no LayerScale at all, so
+    no ``gamma`` exists and checkpoints without ``ls1``/``ls2`` keys load.
+    """
+    return LayerScale(dim, init_values) if init_values else nn.Identity()
+
+
+# Layers whose every parameter (scale and shift) is trained without weight decay.
+NORM_LAYERS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+)
+
+
+def weight_decay_exempt(module: nn.Module) -> set[str]:
+    """Names of ``module``'s parameters that DINOv2 trains without weight decay.
+
+    Those are biases, normalisation parameters and LayerScale gains, recognised by the layer that
+    owns them rather than by name patterns. Everything else decays, including learned tokens
+    (``cls_token``, ``pos_embed``, ``mask_token``, ``register_tokens``), as in DINOv2.
+    """
+    exempt: set[str] = set()
+    for prefix, layer in module.named_modules():
+        for name, _ in layer.named_parameters(recurse=False):
+            if (
+                name == "bias"
+                or isinstance(layer, NORM_LAYERS)
+                or (isinstance(layer, LayerScale) and name == "gamma")
+            ):
+                exempt.add(f"{prefix}.{name}" if prefix else name)
+    return exempt
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a residual branch for whole samples during training.
 
@@ -136,10 +175,10 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
-        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.ls1 = layer_scale(dim, init_values)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = ffn_layer(dim, int(dim * mlp_ratio), bias=ffn_bias)
-        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.ls2 = layer_scale(dim, init_values)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Load DINOv2 (or rsdino) backbone weights into a ``VisionTransformer`` with any band count.
+"""Load DINOv2 (or rsdino) weights: backbones into a ``VisionTransformer`` with any band count,
+and the DINO / iBOT heads of DINOv2 training checkpoints into a ``DINOHead``.
 
 Official DINOv2 checkpoints are RGB; the patch embedding is adapted to multispectral inputs and
 the position grid is resampled, everything else must match exactly (strict loading).
@@ -15,32 +16,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rsdino.models.heads import DINOHead
 from rsdino.models.vit import VisionTransformer, resample_patch_pos_embed
 
 PATCH_EMBED_ADAPT_MODES = ("mean", "rgb")
 
 # Checkpoint wrappers, most specific first: the EMA teacher is the backbone DINOv2 evaluates.
 _WRAPPER_KEYS = ("teacher", "model")
-_KEY_PREFIXES = ("module.", "teacher.backbone.", "backbone.")
+HEAD_NAMES = ("dino_head", "ibot_head")
 _CHUNKED_BLOCK_KEY = re.compile(r"^blocks\.\d+\.(\d+)\.(.+)$")
 _FLAT_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _PATCH_WEIGHT = "patch_embed.proj.weight"
 _SHOWN_KEYS = 5
 
 
-def extract_backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """Unwrap ``{"teacher": ...}`` / ``{"model": ...}`` and keep only backbone keys, unprefixed.
+def _teacher_part(checkpoint: Mapping[str, Any], part: str) -> dict[str, Any]:
+    """Unwrap ``{"teacher": ...}`` / ``{"model": ...}`` and keep one part's keys, unprefixed.
 
-    A full training checkpoint holds student and teacher, backbone and heads; only the teacher
-    backbone (``teacher.backbone.*``, or ``backbone.*`` in a teacher-only file) is kept.
+    A full training checkpoint holds student and teacher, backbone and heads; only the teacher's
+    ``part`` (``teacher.<part>.*``, or ``<part>.*`` in a teacher-only file) is kept.
     """
     state: Mapping[str, Any] = checkpoint
     while wrapper := next((k for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None):
         state = state[wrapper]
-    for prefix in _KEY_PREFIXES:
+    for prefix in ("module.", f"teacher.{part}.", f"{part}."):
         if any(key.startswith(prefix) for key in state):
             state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     return dict(state)
+
+
+def extract_backbone_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher backbone's weights of a DINOv2 or rsdino checkpoint, without prefixes."""
+    return _teacher_part(checkpoint, "backbone")
 
 
 def _flat_block_keys(state: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +128,32 @@ def _describe_problems(state: Mapping[str, Tensor], expected: Mapping[str, Tenso
     return problems
 
 
+def _read_checkpoint(source: str | Path | Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """A checkpoint given as a state dict or a file, and how to name it in errors."""
+    if isinstance(source, Mapping):
+        return "the given state dict", source
+    return str(source), torch.load(source, map_location="cpu", weights_only=True)
+
+
+def load_pretrained_head(
+    head: DINOHead, source: str | Path | Mapping[str, Any], name: str = "dino_head"
+) -> None:
+    """Load the teacher's ``name`` head (``dino_head`` or ``ibot_head``) of a DINOv2 checkpoint.
+
+    DINOv2's head keys (``mlp.<i>.*``, ``last_layer.weight_g``, ``last_layer.weight_v``) are
+    ``DINOHead``'s own, so nothing is renamed; sizes must match exactly. Raises ValueError,
+    before touching the head, if anything does not match.
+    """
+    if name not in HEAD_NAMES:
+        raise ValueError(f"Unknown head {name!r}; expected one of {list(HEAD_NAMES)}")
+    label, checkpoint = _read_checkpoint(source)
+    state = _teacher_part(checkpoint, name)
+    problems = _describe_problems(state, head.state_dict())
+    if problems:
+        raise ValueError(f"Checkpoint {label} has no {name} that fits: " + "; ".join(problems))
+    head.load_state_dict(state, strict=True)
+
+
 def load_pretrained_backbone(
     model: VisionTransformer,
     source: str | Path | Mapping[str, Tensor],
@@ -134,12 +167,7 @@ def load_pretrained_backbone(
     Raises ValueError, before touching the model, if anything else does not match.
     """
     _check_adapt_mode(patch_embed_adapt, rgb_band_indices)
-    if isinstance(source, Mapping):
-        name = "the given state dict"
-        checkpoint = source
-    else:
-        name = str(source)
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    name, checkpoint = _read_checkpoint(source)
     state = _flat_block_keys(extract_backbone_state_dict(checkpoint))
     if model.chunked_blocks:
         state = _chunked_block_keys(state, model.n_blocks // len(model.blocks))

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from rsdino.models.layers import Block, BlockChunk, Mlp, PatchEmbed, SwiGLUFFN
+from rsdino.models.layers import (
+    Block,
+    BlockChunk,
+    Mlp,
+    PatchEmbed,
+    SwiGLUFFN,
+    weight_decay_exempt,
+)
 
 ARCH_SPECS: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
@@ -68,7 +75,7 @@ class VisionTransformer(nn.Module):
     """ViT backbone matching DINOv2: class token, optional register tokens, mask token for iBOT.
 
     Setting ``grad_checkpointing`` trades compute for memory: each block keeps only its input and
-    recomputes its activations during backward.
+    recomputes its activations during backward. ``init_values`` None or 0 means no LayerScale.
     """
 
     def __init__(
@@ -151,6 +158,10 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()
         self._init_weights()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names trained without weight decay: biases, norms, LayerScale gains."""
+        return weight_decay_exempt(self)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -175,13 +175,16 @@ class KoLeoLoss(nn.Module):
     """
 
     def forward(self, x: Tensor, eps: float = 1e-8) -> Tensor:
-        """``-mean(log(distance to nearest neighbour))`` of the L2-normalised rows of ``x``.
+        """``-mean(log(||f - f_nn + eps|| + eps))`` over the L2-normalised rows ``f`` of ``x``.
 
-        A single row has no neighbour, so the loss is a zero that still belongs to the graph
-        (``backward`` works and gives zero gradients). Remote-sensing batches hold identical tiles
-        (no-data areas, repeats): the distance is clamped from below at ``eps`` *before* the square
-        root, so duplicates get the finite value ``-log(eps)`` and a zero gradient instead of the
-        ``1/eps`` (or NaN, from sqrt at 0) that would wreck the step.
+        DINOv2's formulation: ``eps`` is added to every coordinate of the difference (as
+        ``nn.PairwiseDistance`` does) and to the distance, so identical rows have the finite
+        distance ``eps * sqrt(D)``, a large loss and a gradient of order ``1 / eps`` that pushes
+        them apart. (Two copies that are each other's nearest neighbour push each other equally
+        and their gradients cancel; a third copy, or any row whose neighbour is a copy, breaks
+        the tie.) Ties go to the lowest row index, as in DINOv2; the row itself is never its own
+        neighbour. A single row has no neighbour: the loss is a zero that still belongs to the
+        graph (zero gradients), where DINOv2 would add the constant ``-log(eps * sqrt(D) + eps)``.
         """
         if x.shape[0] < 2:
             return x.sum() * 0
@@ -190,9 +193,9 @@ class KoLeoLoss(nn.Module):
             similarity = features @ features.t()
             is_self = torch.eye(features.shape[0], dtype=torch.bool, device=features.device)
             nearest = similarity.masked_fill(is_self, float("-inf")).argmax(dim=1)
-            squared_distance = (features - features[nearest]).pow(2).sum(dim=-1)
-            distance = squared_distance.clamp_min(eps * eps).sqrt()
-            return -torch.log(distance).mean()
+            difference = features - features[nearest] + eps
+            distance = torch.linalg.vector_norm(difference, dim=-1)
+            return -torch.log(distance + eps).mean()
 
 
 def dino_loss_terms(n_global_crops: int, n_local_crops: int) -> tuple[int, int]:

@@ -1,10 +1,9 @@
 """Optimizer parameter groups with DINOv2's layer-wise lr decay and weight-decay exemptions.
 
 Each group carries multipliers instead of absolute values; :func:`apply_optim_schedule` turns the
-scheduled lr and weight decay into per-group values every iteration.
+scheduled lr and weight decay into per-group values every iteration. As in DINOv2, only biases,
+norms and LayerScale gains skip weight decay; learned tokens decay.
 """
-
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -20,7 +19,9 @@ def layer_id(name: str, num_layers: int) -> int:
     """Depth for lr decay: 0 for embeddings, ``i + 1`` for block ``i``, ``num_layers + 1`` else.
 
     Works with any prefix (``backbone.``, ``student.backbone.``) and with chunked blocks
-    ``blocks.<chunk>.<i>.*``, whose inner index is already the global block index.
+    ``blocks.<chunk>.<i>.*``, whose inner index is already the global block index. The encoder's
+    ``missing_tokens`` stand in for a backbone's output at the fusion, so like the fusion (and
+    like any backbone parameter DINOv2 does not list as an embedding) they get the top depth.
     """
     parts = name.split(".")
     if _is_patch_embed(parts) or any(token in parts for token in _TOKEN_NAMES):
@@ -42,20 +43,22 @@ def _lr_multiplier(name: str, num_layers: int, layerwise_decay: float, patch_mul
     return multiplier
 
 
-def _wd_multiplier(name: str) -> float:
-    """No weight decay on biases, norms, LayerScale and learned tokens: shrinking them hurts."""
-    parts = name.split(".")
-    exempt = (
-        parts[-1] == "bias"
-        or parts[-1] == "gamma"
-        or any("norm" in part for part in parts)
-        or any(token in parts for token in _TOKEN_NAMES)
-    )
-    return 0.0 if exempt else 1.0
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that ``model``'s parts exempt from weight decay.
+
+    Every submodule with a ``no_weight_decay()`` method (timm's convention) names its own exempt
+    parameters, relative to itself; a parameter that no part names decays.
+    """
+    exempt: set[str] = set()
+    for prefix, module in model.named_modules():
+        report = getattr(module, "no_weight_decay", None)
+        if callable(report):
+            exempt.update(f"{prefix}.{name}" if prefix else name for name in report())
+    return exempt
 
 
 def build_param_groups(
-    named_params: Iterable[tuple[str, nn.Parameter]],
+    model: nn.Module,
     *,
     num_layers: int,
     layerwise_decay: float,
@@ -63,17 +66,19 @@ def build_param_groups(
 ) -> list[dict]:
     """One optimizer group per (lr multiplier, wd multiplier, is-last-layer) combination.
 
+    The weight-decay exemptions are what the model's parts report (:func:`no_weight_decay_names`).
     Each group has ``params``, ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer`` (the DINO
-    head's ``last_layer``, which is frozen early in training) and ``names`` for inspection.
-    Parameters that do not require gradients are left out.
+    head's ``last_layer``, gain and direction, which DINOv2 freezes early in training) and
+    ``names`` for inspection. Parameters that do not require gradients are left out.
     """
+    exempt_names = no_weight_decay_names(model)
     groups: dict[tuple[float, float, bool], dict] = {}
-    for name, param in named_params:
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         key = (
             _lr_multiplier(name, num_layers, layerwise_decay, patch_embed_lr_mult),
-            _wd_multiplier(name),
+            0.0 if name in exempt_names else 1.0,
             "last_layer" in name.split("."),
         )
         if key not in groups:
