@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_OVERRIDES, tiny_config
 from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -250,3 +254,31 @@ def test_distributed_ranks_keep_the_fixed_port_prometheus_scrapes() -> None:
     cfg = tiny_config("metrics.enabled=true")
     rank = DistContext(rank=5, local_rank=1, world_size=8, device=CPU)
     assert metrics_address(cfg.metrics, rank) == ("0.0.0.0", range(9322, 9323))
+
+
+def test_two_local_runs_at_once_both_start_and_finish(tmp_path: Path) -> None:
+    """Issue: a second quickstart failed with 'metrics port 9321 ... is unavailable'."""
+    overrides = [item for item in TINY_OVERRIDES if not item.startswith("metrics.")]
+    runs = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "rsdino.cli", "train", "--config", "quickstart"),
+                *("--output-dir", str(tmp_path / f"run{index}"), *overrides),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for index in range(2)
+    ]
+    outputs = [run.communicate(timeout=180)[0] for run in runs]
+    for run, output in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, output[-3000:]
+    urls = {
+        line.split("metrics served at ")[1].split()[0]
+        for out in outputs
+        for line in out.splitlines()
+        if "metrics served at" in line
+    }
+    assert len(urls) == 2 and all(url.startswith("http://127.0.0.1:") for url in urls)
