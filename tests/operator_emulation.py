@@ -32,9 +32,10 @@ on one machine, none of them changes what the trainer sees through its own inter
   socket cannot be retrieved", harmless). No KUBERNETES_SERVICE_* variables (headless Services
   get none).
 - The image is this machine: the root filesystem is the host's /, PATH starts with this Python's
-  bin directory, and the image's ENV is only PATH and the locale. /root is made traversable
-  (0711) in the pod's private root layer so the host's Python (under /root/.pyenv) runs as the
-  non-root user the securityContext asks for. Capabilities and allowPrivilegeEscalation are not
+  bin directory, and the image's ENV is only PATH and the locale. The directories above this
+  Python and above the installed rsdino package (/root/.pyenv, a checkout made by mktemp) are
+  made traversable in the pod's private root layer, so they run as the non-root user the
+  securityContext asks for. Capabilities and allowPrivilegeEscalation are not
   applied beyond what dropping to a non-root uid does. Resources (CPU, memory, GPUs) and emptyDir
   size limits are not enforced; ``medium: Memory`` emptyDirs are host directories, not tmpfs.
 - emptyDirs are host directories under the test's tmp dir, new for every pod incarnation and kept
@@ -731,6 +732,7 @@ class PyTorchJobEmulator:
             "root": str(run_dir / "root"),
             "mounts": self._mounts(pod, container),
             "read_only_root": bool(security.get("readOnlyRootFilesystem", False)),
+            "traversable": _image_directories(),
             "uid": uid,
             "gid": int(security.get("runAsGroup", 0)),
             "groups": groups,
@@ -820,6 +822,15 @@ def _pod_shim(spec_path: str) -> int:
     return os.WEXITSTATUS(status)
 
 
+def _image_directories() -> list[str]:
+    """Every directory above this Python and the rsdino package: what the "image" must let a
+    non-root user pass through."""
+    import rsdino
+
+    places = (Path(sys.executable).resolve(), Path(rsdino.__file__).resolve())
+    return sorted({str(parent) for place in places for parent in place.parents})
+
+
 def _container_init(spec: dict[str, Any]) -> None:
     """PID 1 of the pod: hostname, root filesystem, volumes, /etc/hosts, user; then exec."""
     _mount("--make-rprivate", "/")
@@ -835,7 +846,9 @@ def _container_init(spec: dict[str, Any]) -> None:
     _mount("-t", "proc", "proc", str(merged / "proc"))
     for system in ("dev", "sys"):
         _mount("--rbind", f"/{system}", str(merged / system))
-    (merged / "root").chmod(0o711)
+    for directory in spec["traversable"]:  # copied up into the pod's layer, the host's unchanged
+        inside = merged / directory.lstrip("/")
+        inside.chmod(inside.stat().st_mode | 0o111)
     (merged / "etc" / "hosts").write_text(spec["hosts"])
     (merged / "etc" / "hostname").write_text(spec["hostname"] + "\n")
     for mount in spec["mounts"]:
