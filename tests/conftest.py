@@ -38,6 +38,15 @@ TINY_OVERRIDES = [
 ]
 
 
+def train_command(output_dir: Path, *overrides: str) -> list[str]:
+    """`rsdino train --config quickstart` as one process, as a user types it."""
+    return [sys.executable, "-m", "rsdino.cli", *_train_args(output_dir, overrides)]
+
+
+def _train_args(output_dir: Path, overrides: tuple[str, ...]) -> list[str]:
+    return ["train", "--config", "quickstart", "--output-dir", str(output_dir), *overrides]
+
+
 def torchrun_train_command(
     n_procs: int, output_dir: Path, *overrides: str, torchrun_args: tuple[str, ...] = ()
 ) -> list[str]:
@@ -51,12 +60,7 @@ def torchrun_train_command(
         *torchrun_args,
         "-m",
         "rsdino.cli",
-        "train",
-        "--config",
-        "quickstart",
-        "--output-dir",
-        str(output_dir),
-        *overrides,
+        *_train_args(output_dir, overrides),
     ]
 
 

@@ -10,12 +10,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_OVERRIDES, saved_info, torchrun_train_command
+from conftest import TINY_OVERRIDES, saved_info, torchrun_train_command, train_command
 from test_real_data_training import write_sen12ms_tree
 from torch.distributed.elastic.multiprocessing import ProcessFailure
 
@@ -26,13 +25,6 @@ from rsdino.launch import job_exit_code
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LONG_RUN = (*TINY_OVERRIDES, "optim.epochs=100", "checkpoint.every_steps=1000")
-
-
-def _train_command(run: Path, *overrides: str) -> list[str]:
-    return [
-        *(sys.executable, "-m", "rsdino.cli", "train", "--config", "quickstart"),
-        *("--output-dir", str(run), *overrides),
-    ]
 
 
 def _wait_for_log_lines(process: subprocess.Popen, log_path: Path, lines: int) -> None:
@@ -50,7 +42,7 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_for_a_restart
     """DataLoader workers get the signal too; they must not die and take the run with them."""
     run = tmp_path / "run"
     process = subprocess.Popen(
-        _train_command(run, *LONG_RUN, "train.num_workers=2"),
+        train_command(run, *LONG_RUN, "train.num_workers=2"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,7 +60,7 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_for_a_restart
     stopped_at = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])["step"]
     assert saved_info(run / "checkpoints", stopped_at).samples_seen == stopped_at * 4
     rerun = subprocess.run(
-        _train_command(run, *TINY_OVERRIDES, f"optim.epochs={stopped_at // 3 + 1}"),
+        train_command(run, *TINY_OVERRIDES, f"optim.epochs={stopped_at // 3 + 1}"),
         capture_output=True,
         text=True,
         env=ENV,
@@ -175,7 +167,7 @@ def test_bad_data_under_fail_in_a_loader_worker_is_one_line_and_exit_3(tmp_path:
         "train.num_workers=2",
     )
     result = subprocess.run(
-        _train_command(tmp_path / "run", *overrides),
+        train_command(tmp_path / "run", *overrides),
         capture_output=True,
         text=True,
         env=ENV,

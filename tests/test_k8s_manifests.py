@@ -22,7 +22,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, train_command
 from helm_chart import CHART_DIR, example_values, find_one, render_chart, worker_container
 
 from rsdino.config.loader import load_config
@@ -319,18 +319,7 @@ def smoke_pattern(name: str) -> str:
 def test_smoke_log_patterns_match_a_real_run(tmp_path: Path) -> None:
     """The script waits for grep -E patterns in the pods' logs: run the trainer twice (the
     second start resumes) and grep its real output with the script's patterns."""
-    command = [
-        sys.executable,
-        "-m",
-        "rsdino.cli",
-        "train",
-        "--config",
-        "quickstart",
-        "--output-dir",
-        str(tmp_path / "run"),
-        *TINY_OVERRIDES,
-        "optim.epochs=1",
-    ]
+    command = train_command(tmp_path / "run", *TINY_OVERRIDES, "optim.epochs=1")
     first = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, tiny_config, train_command
 from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -261,10 +260,7 @@ def test_two_local_runs_at_once_both_start_and_finish(tmp_path: Path) -> None:
     overrides = [item for item in TINY_OVERRIDES if not item.startswith("metrics.")]
     runs = [
         subprocess.Popen(
-            [
-                *(sys.executable, "-m", "rsdino.cli", "train", "--config", "quickstart"),
-                *("--output-dir", str(tmp_path / f"run{index}"), *overrides),
-            ],
+            train_command(tmp_path / f"run{index}", *overrides),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
