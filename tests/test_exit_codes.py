@@ -70,15 +70,36 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_for_a_restart
     assert f"checkpoints/step_{stopped_at:08d} (step {stopped_at}," in rerun.stdout
 
 
-def test_the_launcher_stops_restarting_on_a_permanent_error(tmp_path: Path) -> None:
-    """A bad config fails the same way on every restart: exit 2 at once, not after 3 restarts."""
+def test_the_launcher_rejects_a_bad_config_before_the_rendezvous(tmp_path: Path) -> None:
+    """A bad config fails the same way on every restart and on every pod: each launcher checks it
+    itself and exits 2 without starting workers, so no pod sees its peer vanish instead."""
     command = torchrun_train_command(
         2, tmp_path / "run", "optim.nope=1", torchrun_args=("--max-restarts=3",)
     )
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode == ExitCode.CONFIG, output[-3000:]
-    assert output.count("rsdino: config error:") == 2, output[-3000:]  # one attempt, 2 ranks
+    assert output.count("rsdino: config error:") == 1, output[-3000:]
+    assert "optim.nope" in output
+    assert "local_rank" not in output and "Traceback" not in output  # no worker was started
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_stops_restarting_on_a_permanent_error(tmp_path: Path) -> None:
+    """An error only a worker can find (here: the dataset folder does not exist) fails the same
+    way on every restart: its code at once, not after 3 restarts."""
+    command = torchrun_train_command(
+        2,
+        tmp_path / "run",
+        "train.dataset.source=geotiff",
+        f"train.dataset.uri={tmp_path / 'no-such-folder'}",
+        torchrun_args=("--max-restarts=3",),
+    )
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == ExitCode.STORAGE, output[-3000:]
+    assert output.count("a worker exited with permanent code 6: not restarting") == 1
+    assert "no-such-folder" in output
     assert "Traceback" not in output
 
 

@@ -8,10 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rsdino import __version__
 from rsdino.config.loader import ConfigError, available_presets, config_to_yaml, load_config
 from rsdino.error_boundary import run_reporting_errors
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger("rsdino")
 
@@ -137,15 +141,34 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace) -> DictConfig:
+    if args.no_resume and args.resume_from_step is not None:
+        raise ConfigError("--no-resume and --resume-from-step contradict each other; pick one")
+    return load_config(args.config, args.overrides)
+
+
+def check_train_config(argv: Sequence[str]) -> int:
+    """Validate what ``rsdino train ARGV`` would run, reporting as ``rsdino`` does (0 when valid).
+
+    ``rsdino-torchrun`` calls this in each pod before the rendezvous, so a bad config fails every
+    pod with its own exit 2 instead of failing one pod and leaving its peers to lose the store.
+    """
+    args = _parse_args(["train", *argv])
+
+    def check() -> int:
+        _train_config(args)
+        return 0
+
+    return run_reporting_errors(check, debug=args.debug)
+
+
 def _run_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _train_config(args)
     if args.print_config:
         print(config_to_yaml(cfg), end="")
         return 0
     from rsdino.train.loop import train  # imported late: torch start-up is slow for --help
 
-    if args.no_resume and args.resume_from_step is not None:
-        raise ConfigError("--no-resume and --resume-from-step contradict each other; pick one")
     result = train(
         cfg,
         args.output_dir,

@@ -11,15 +11,19 @@ ExitCode``, Slurm requeue scripts) cannot tell them apart. This wrapper takes th
   N, 128 + N when the launcher itself got signal N (after its workers checkpointed), and
   :attr:`ExitCode.UNAVAILABLE` when the rendezvous or its store is lost;
 - reports each of those as one line instead of a traceback;
+- checks an ``rsdino train`` config before joining the rendezvous, so a bad config fails every
+  pod with exit 2 on its own (not one pod with 2 and its peers with "store lost");
 - works around a torch rendezvous stall (see :func:`_republish_store_address`).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch.distributed import DistError
 from torch.distributed import run as torchrun
@@ -98,8 +102,28 @@ class _StopOnPermanentFailure(LocalElasticAgent):
         return result
 
 
+def rsdino_train_arguments(args: argparse.Namespace) -> list[str] | None:
+    """The arguments after ``train`` when the workers run ``rsdino train``, else None."""
+    script_args = list(args.training_script_args)
+    if args.module:
+        runs_rsdino = args.training_script == "rsdino.cli"
+    else:
+        runs_rsdino = args.no_python and Path(args.training_script).name == "rsdino"
+    if runs_rsdino and script_args[:1] == ["train"]:
+        return script_args[1:]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = torchrun.parse_args(list(sys.argv[1:] if argv is None else argv))
+    train_arguments = rsdino_train_arguments(args)
+    if train_arguments is not None:
+        from rsdino.cli import check_train_config
+
+        code = check_train_config(train_arguments)
+        if code != 0:
+            print(f"rsdino-torchrun: the config is invalid; exiting with {code}", file=sys.stderr)
+            return code
     launcher_api.LocalElasticAgent = _StopOnPermanentFailure
     DynamicRendezvousHandler.next_rendezvous = _republish_store_address
     try:
