@@ -332,11 +332,13 @@ def test_scale_up_adds_a_pod_to_the_running_world(cluster, tmp_path: Path) -> No
     Plain torchrun (2.13) stalls here: the surviving agent stays rank 0 and never publishes
     MASTER_ADDR under the new round's prefix, so the new pod waits 60 s, both agents exit and
     restart. rsdino-torchrun republishes it each round: no pod may exit during the join."""
-    steps = 120  # one pod trains fast: enough steps remain when the new pod has started
-    job = cluster(job_values(steps=steps, every_steps=6, replicas=1))
+    # One pod trains a tiny model at ~50 steps/s and the join takes seconds: enough steps must
+    # remain when the new pod has started (120 were too few on a fast, idle machine).
+    steps = 1200
+    job = cluster(job_values(steps=steps, every_steps=60, replicas=1))
     root = checkpoint_root(tmp_path)
     watch = CheckpointWatch(root)
-    wait_for_checkpoint(job, watch, 6)
+    wait_for_checkpoint(job, watch, 60)
     assert saved_info(root, watch.complete()[0]).world_size == 1
     job.scale(2)
 
