@@ -148,12 +148,15 @@ def _train_config(args: argparse.Namespace) -> DictConfig:
 
 
 def check_train_config(argv: Sequence[str]) -> int:
-    """Validate what ``rsdino train ARGV`` would run, reporting as ``rsdino`` does (0 when valid).
+    """Validate the config of ``rsdino ARGV`` when it trains, reporting as ``rsdino`` does (0 when
+    valid or when ARGV is another command).
 
     ``rsdino-torchrun`` calls this in each pod before the rendezvous, so a bad config fails every
     pod with its own exit 2 instead of failing one pod and leaving its peers to lose the store.
     """
-    args = _parse_args(["train", *argv])
+    args = _parse_args(argv)
+    if args.command != "train":
+        return 0
 
     def check() -> int:
         _train_config(args)

@@ -102,25 +102,22 @@ class _StopOnPermanentFailure(LocalElasticAgent):
         return result
 
 
-def rsdino_train_arguments(args: argparse.Namespace) -> list[str] | None:
-    """The arguments after ``train`` when the workers run ``rsdino train``, else None."""
-    script_args = list(args.training_script_args)
+def rsdino_arguments(args: argparse.Namespace) -> list[str] | None:
+    """The workers' ``rsdino`` command line when they run ``rsdino``, else None."""
     if args.module:
         runs_rsdino = args.training_script == "rsdino.cli"
     else:
         runs_rsdino = args.no_python and Path(args.training_script).name == "rsdino"
-    if runs_rsdino and script_args[:1] == ["train"]:
-        return script_args[1:]
-    return None
+    return list(args.training_script_args) if runs_rsdino else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = torchrun.parse_args(list(sys.argv[1:] if argv is None else argv))
-    train_arguments = rsdino_train_arguments(args)
-    if train_arguments is not None:
+    rsdino_argv = rsdino_arguments(args)
+    if rsdino_argv is not None:
         from rsdino.cli import check_train_config
 
-        code = check_train_config(train_arguments)
+        code = check_train_config(rsdino_argv)
         if code != 0:
             print(f"rsdino-torchrun: the config is invalid; exiting with {code}", file=sys.stderr)
             return code
