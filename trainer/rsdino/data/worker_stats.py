@@ -12,14 +12,16 @@ zeroes the storage ones so requests made before the fork are not counted once pe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import get_worker_info
 
 from rsdino.data.collate import collate_samples
-from rsdino.data.sources.decode import BadDataPolicy, Finding
 from rsdino.data.storage import StorageCounters
 from rsdino.errors import RsdinoError
+
+if TYPE_CHECKING:  # the sources package imports this module: no runtime import back
+    from rsdino.data.sources.decode import BadDataPolicy, Finding
 
 WORKER_STATS_KEY = "_worker_stats"
 # A worker's rsdino error travels as a batch under this key: DataLoader itself would re-raise
