@@ -11,6 +11,8 @@ from PIL import Image
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 
+from rsdino.eval.multilabel import BIGEARTHNET_S2_BANDS
+
 TRAIN_ROI = ("ROIs1868", "36")  # not in the official test or val lists
 TEST_ROI = ("ROIs1158", "106")
 
@@ -83,3 +85,35 @@ def write_satlas_tile(
 ) -> None:
     for group, pixels in groups.items():
         write_png(root / split / image_dir / group / f"{tile}.png", pixels)
+
+
+def write_eurosat(root: Path, classes: dict[str, int], size: int = 16) -> None:
+    """EuroSAT-MS: <Class>/<Class>_<n>.tif, 13 bands where band b holds 100 * (b + 1) + class."""
+    for class_id, (name, count) in enumerate(sorted(classes.items())):
+        for n in range(1, count + 1):
+            array = np.stack(
+                [np.full((size, size), 100 * (b + 1) + class_id, np.uint16) for b in range(13)]
+            )
+            write_geotiff(root / name / f"{name}_{n}.tif", array)
+
+
+def write_bigearthnet_patch(root: Path, patch: str, value: int, with_s1: bool = True) -> None:
+    """BigEarthNet: one folder per patch, S2 bands at 10/20/60 m sizes, optional S1 VV/VH."""
+    sizes = {"B02": 12, "B03": 12, "B04": 12, "B08": 12, "B01": 2, "B09": 2}
+    for band in BIGEARTHNET_S2_BANDS:
+        name = band if band == "B8A" else f"B{int(band[1:]):02d}"
+        size = sizes.get(name, 6)
+        write_geotiff(root / patch / f"{patch}_{name}.tif", np.full((1, size, size), value, "u2"))
+    if with_s1:
+        for pol, db in (("VV", -10.0), ("VH", -17.0)):
+            array = np.full((1, 12, 12), db, np.float32)
+            write_geotiff(root / patch / f"{patch}_{pol}.tif", array)
+
+
+def write_seg_tile(root: Path, name: str, mask: np.ndarray, s1: bool = True) -> None:
+    """A segmentation tile: images/NAME.tif (13 bands), labels/NAME.tif, optional s1/NAME.tif."""
+    size = mask.shape[0]
+    write_geotiff(root / "images" / f"{name}.tif", np.full((13, size, size), 500, np.uint16))
+    write_geotiff(root / "labels" / f"{name}.tif", mask[None].astype(np.uint8))
+    if s1:
+        write_geotiff(root / "s1" / f"{name}.tif", np.full((2, size, size), -12.0, np.float32))

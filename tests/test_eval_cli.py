@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_multimodal_config
 from PIL import Image
-from source_fixtures import write_geotiff
-from test_eval_datasets import write_bigearthnet_patch, write_eurosat, write_seg_tile
+from source_fixtures import write_bigearthnet_patch, write_eurosat, write_geotiff, write_seg_tile
 
 from rsdino.cli import main
 from rsdino.config.loader import ConfigError

@@ -8,26 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from s3_server import put_objects
-from source_fixtures import write_geotiff
+from source_fixtures import write_bigearthnet_patch, write_eurosat, write_geotiff, write_seg_tile
 
 from rsdino.data.sources.decode import DataError
 from rsdino.data.storage import open_store
 from rsdino.eval.datasets import EvalDataError, scene_splits
-from rsdino.eval.multilabel import BIGEARTHNET_19, BIGEARTHNET_S2_BANDS, multilabel_splits
+from rsdino.eval.multilabel import BIGEARTHNET_19, multilabel_splits
 from rsdino.eval.segtiles import segmentation_splits
 from rsdino.eval.synthetic import synthetic_splits
 
 pytest_plugins = ["s3_server"]
-
-
-def write_eurosat(root: Path, classes: dict[str, int], size: int = 16) -> None:
-    """EuroSAT-MS: <Class>/<Class>_<n>.tif, 13 bands where band b holds 100 * (b + 1) + class."""
-    for class_id, (name, count) in enumerate(sorted(classes.items())):
-        for n in range(1, count + 1):
-            array = np.stack(
-                [np.full((size, size), 100 * (b + 1) + class_id, np.uint16) for b in range(13)]
-            )
-            write_geotiff(root / name / f"{name}_{n}.tif", array)
 
 
 def test_eurosat_reorders_bands_and_splits_by_class(tmp_path: Path) -> None:
@@ -94,18 +84,6 @@ def test_eurosat_reads_from_s3(
     assert len(splits.train) == 2 and splits.test[0]["s2"].shape == (13, 16, 16)
 
 
-def write_bigearthnet_patch(root: Path, patch: str, value: int, with_s1: bool = True) -> None:
-    sizes = {"B02": 12, "B03": 12, "B04": 12, "B08": 12, "B01": 2, "B09": 2}
-    for band in BIGEARTHNET_S2_BANDS:
-        name = band if band == "B8A" else f"B{int(band[1:]):02d}"
-        size = sizes.get(name, 6)
-        write_geotiff(root / patch / f"{patch}_{name}.tif", np.full((1, size, size), value, "u2"))
-    if with_s1:
-        for pol, db in (("VV", -10.0), ("VH", -17.0)):
-            array = np.full((1, 12, 12), db, np.float32)
-            write_geotiff(root / patch / f"{patch}_{pol}.tif", array)
-
-
 def test_bigearthnet_table_labels_bands_and_s1(tmp_path: Path) -> None:
     rows = ["patch_id,labels,split"]
     for i, split in enumerate(["train", "train", "validation", "test"]):
@@ -158,14 +136,6 @@ def test_bigearthnet_errors_and_label_map(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"P0/P0_B05.tif: is missing"):
         filled.train[0]
     assert len(BIGEARTHNET_19) == 19
-
-
-def write_seg_tile(root: Path, name: str, mask: np.ndarray, s1: bool = True) -> None:
-    size = mask.shape[0]
-    write_geotiff(root / "images" / f"{name}.tif", np.full((13, size, size), 500, np.uint16))
-    write_geotiff(root / "labels" / f"{name}.tif", mask[None].astype(np.uint8))
-    if s1:
-        write_geotiff(root / "s1" / f"{name}.tif", np.full((2, size, size), -12.0, np.float32))
 
 
 def test_segmentation_tiles_masks_and_errors(tmp_path: Path) -> None:

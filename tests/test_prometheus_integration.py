@@ -100,6 +100,8 @@ def training(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen, Path]]:
         f"metrics.port={base}",
         f"metrics.job={JOB}",
         "metrics.peak_flops_per_device=1e9",
+        "evaluation.eval_period_iterations=5",
+        "evaluation.synthetic_counts=[32,16]",
     )
     log_path = tmp_path / "train.log"
     with open(log_path, "w") as log:
@@ -206,6 +208,11 @@ def test_prometheus_scrapes_training_and_every_query_works(training, prometheus:
         ranks = {(s["metric"]["rank"], s["metric"]["local_rank"]) for s in series}
         assert ranks == {("0", "0"), ("1", "1")}, family
         assert {s["metric"]["node"] for s in series} == {socket.gethostname()}, family
+    # Periodic kNN: rank 0 holds the gathered result and exports it (before the step's save).
+    knn = instant(prometheus, f'rsdino_eval_knn_accuracy{{job="{JOB}"}}')
+    assert {(s["metric"]["rank"], s["metric"]["k"]) for s in knn} == {("0", "10"), ("0", "20")}
+    assert all(0.0 < float(s["value"][1]) <= 1.0 for s in knn)
+    assert float(instant(prometheus, f'rsdino_eval_step{{job="{JOB}"}}')[0]["value"][1]) >= 5
     throughput = instant(prometheus, f'sum(rate(rsdino_samples_total{{job="{JOB}"}}[10s]))')
     assert float(throughput[0]["value"][1]) > 0
 

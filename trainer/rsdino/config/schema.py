@@ -194,6 +194,20 @@ class CurvesConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    eval_period_iterations: int = MISSING
+    dataset: str = MISSING
+    uri: str = MISSING
+    split_dir: str = MISSING
+    val_fraction: float = MISSING
+    synthetic_counts: list[int] = MISSING
+    tile_size: int = MISSING
+    ks: list[int] = MISSING
+    temperature: float = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class RootConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IBotConfig = field(default_factory=IBotConfig)
@@ -206,3 +220,4 @@ class RootConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     curves: CurvesConfig = field(default_factory=CurvesConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

@@ -24,6 +24,7 @@ SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 PATCH_EMBED_ADAPT = ("mean", "rgb")
 FUSE_ALGS = ("linear", "xattn")
+EVAL_DATASETS = ("synthetic", "eurosat")
 
 
 TENSORBOARD_MODES = ("auto", "true", "false")
@@ -180,6 +181,61 @@ def s2_band_count(cfg: DictConfig) -> int | None:
     return None if layout is None else len(layout)
 
 
+def _validate_evaluation(problems: list[str], cfg: DictConfig) -> None:
+    """Periodic kNN: only what applies to the chosen evaluation dataset may be set."""
+    ev = cfg.evaluation
+    _check(
+        problems, ev.eval_period_iterations >= 0, "evaluation.eval_period_iterations must be >= 0"
+    )
+    if ev.eval_period_iterations == 0:
+        return
+    _choice(problems, "evaluation.dataset", ev.dataset, EVAL_DATASETS)
+    if ev.dataset == "synthetic":
+        _check(
+            problems,
+            cfg.train.dataset.source == "synthetic",
+            "evaluation.dataset=synthetic draws unseen tiles of the synthetic world, so it needs "
+            f"train.dataset.source=synthetic (not {cfg.train.dataset.source!r}); use "
+            "evaluation.dataset=eurosat with evaluation.uri",
+        )
+        for key in ("uri", "split_dir"):
+            _check(
+                problems,
+                not ev[key],
+                f"evaluation.{key} does not apply to evaluation.dataset=synthetic",
+            )
+        _check(
+            problems,
+            len(ev.synthetic_counts) == 2 and min(ev.synthetic_counts) >= 1,
+            "evaluation.synthetic_counts must be [memory-bank tiles, query tiles], each >= 1",
+        )
+    elif ev.dataset == "eurosat":
+        _check(
+            problems,
+            bool(ev.uri),
+            "evaluation.dataset=eurosat needs evaluation.uri (path or s3://)",
+        )
+        _check(
+            problems,
+            0.0 < ev.val_fraction < 1.0,
+            "evaluation.val_fraction must be in (0, 1)",
+        )
+        _check(
+            problems,
+            not cfg.train.dataset.bands,
+            "periodic evaluation of a band subset (train.dataset.bands) is not supported; run "
+            "`rsdino eval knn` on a checkpoint instead",
+        )
+    _check(problems, ev.tile_size >= 0, "evaluation.tile_size must be >= 0 (0: the default)")
+    _check(
+        problems,
+        len(ev.ks) > 0 and min(ev.ks) >= 1,
+        f"evaluation.ks={list(ev.ks)} must list neighbour counts >= 1",
+    )
+    _check(problems, ev.temperature > 0, "evaluation.temperature must be > 0")
+    _check(problems, ev.batch_size >= 1, "evaluation.batch_size must be >= 1")
+
+
 def validate_config(cfg: DictConfig) -> list[str]:
     """Return human-readable problems; an empty list means the config is usable."""
     problems: list[str] = []
@@ -187,6 +243,7 @@ def validate_config(cfg: DictConfig) -> list[str]:
 
     _validate_dataset(problems, cfg)
     _validate_bands(problems, cfg)
+    _validate_evaluation(problems, cfg)
     _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
     s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"
     s2_chans = student.in_chans_s2 if train.multimodal else student.in_chans

@@ -104,12 +104,13 @@ def extract_features(
     label: str = "features",
     num_workers: int = 0,
     use_time: bool | None = None,
+    progress: bool = True,
 ) -> dict[str, Tensor]:
     """{"cls": [N, D], "patch_mean": [N, D], optional "patch": [N, h, w, D], and the target}.
 
     ``mode`` is "s1+s2", "s2" or "s1" (default: all of the encoder's modalities). The day of
     year is passed to encoders that embed it when the samples carry one (``use_time`` None),
-    or as ``use_time`` says.
+    or as ``use_time`` says. ``progress`` draws a bar on stderr (off inside a training run).
     """
     encoder.eval().to(device)
     mode = mode or "+".join(encoder.modalities)
@@ -123,7 +124,7 @@ def extract_features(
     if use_time is None:
         use_time = getattr(encoder, "temporal", None) is not None
     parts: dict[str, list[Tensor]] = {}
-    progress = Progress(label, len(dataset))
+    bar = Progress(label, len(dataset)) if progress else None
     for batch in loader:
         images, present = _encoder_inputs(batch, encoder, mode, normalizers, device)
         doy = batch["doy"].to(device) if use_time and "doy" in batch else None
@@ -138,7 +139,8 @@ def extract_features(
                 found[field] = batch[field]
         for name, value in found.items():
             parts.setdefault(name, []).append(value.cpu())
-        progress.advance(len(batch["key"]))
+        if bar is not None:
+            bar.advance(len(batch["key"]))
     return {name: torch.cat(values) for name, values in parts.items()}
 
 

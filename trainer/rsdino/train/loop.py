@@ -52,6 +52,7 @@ from rsdino.train.divergence import DivergenceGuard
 from rsdino.train.fsdp import reshard_teacher, shard_model
 from rsdino.train.metrics import DisabledMetrics, TrainingMetrics, start_metrics
 from rsdino.train.output_dir import output_paths, prepare_output_dir
+from rsdino.train.periodic_eval import PeriodicKnn
 from rsdino.train.preemption import StopSignal, TrainingInterrupted, ignore_stop_signals
 from rsdino.train.progress import ProgressReporter
 from rsdino.train.run_manifest import config_changes
@@ -313,6 +314,7 @@ class Trainer:
         }
         self.uses_time = cfg.student.temporal_embedding
         self.augment = make_augment(cfg)
+        self.evaluation = PeriodicKnn(cfg, self.ctx, self.normalizers, self.total_steps)
         self.checkpointer = self._make_checkpointer(resume)
         self.divergence = DivergenceGuard(cfg.train.loss_spike_factor)
         self.start_step: int = 0
@@ -491,6 +493,17 @@ class Trainer:
         step = self.divergence.good_step
         return None if step is None else (step, self.checkpointer.store.location(step))
 
+    def _evaluate(
+        self, step: int, reporter: ProgressReporter, metrics: TrainingMetrics | DisabledMetrics
+    ) -> None:
+        """kNN of the teacher on the held-out set (every rank extracts, rank 0 reports)."""
+        result = self.evaluation.run(self.model.teacher["encoder"], step, self.amp_dtype)
+        if self.ctx.distributed:
+            reshard_teacher(self.model)
+        if result is not None:
+            reporter.report_eval(result.record(), result.seconds)
+            metrics.observe_eval(step, result.accuracy)
+
     def _scalars(self, step: int) -> dict[str, float]:
         s = self.schedules
         return {
@@ -587,6 +600,8 @@ class Trainer:
                             done, {**losses, **scalars, "samples_per_s": record["samples_per_s"]}
                         )
                     stopping = stop.on_any_rank(self.device)
+                if self.evaluation.due(done):
+                    self._evaluate(done, reporter, metrics)
                 if is_ckpt_step or stopping is not None:
                     self.divergence.saving(done)
                     started = time.perf_counter()

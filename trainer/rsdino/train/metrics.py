@@ -330,6 +330,13 @@ class TrainingMetrics:
         self.storage_retries = family(
             Counter, "rsdino_storage_retries_total", "Storage request retries", ("operation",)
         )
+        self.eval_knn = family(
+            Gauge,
+            "rsdino_eval_knn_accuracy",
+            "Top-1 kNN accuracy of the teacher on the held-out set (evaluation.*)",
+            ("k",),
+        )
+        self.eval_step = family(Gauge, "rsdino_eval_step", "Step of the latest periodic evaluation")
         self.build_info = family(
             Gauge,
             "rsdino_build_info",
@@ -445,6 +452,12 @@ class TrainingMetrics:
         self.checkpoint_step.labels(**base).set(step)
         self.checkpoint_time.labels(**base).set(time.time())
 
+    def observe_eval(self, step: int, knn_accuracy: Mapping[int, float]) -> None:
+        """A periodic evaluation finished (rank 0 only: it holds the gathered result)."""
+        for k, value in knn_accuracy.items():
+            self.eval_knn.labels(**self.base, k=str(k)).set(value)
+        self.eval_step.labels(**self.base).set(step)
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -460,6 +473,9 @@ class DisabledMetrics:
         pass
 
     def watch_data(self, dataset: object) -> None:
+        pass
+
+    def observe_eval(self, step: int, knn_accuracy: Mapping[int, float]) -> None:
         pass
 
     def observe_worker_stats(self, worker_id: int, counts: Mapping[str, Any]) -> None:

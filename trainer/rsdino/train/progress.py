@@ -37,7 +37,7 @@ class ProgressReporter:
 
     def drop_records_after(self, step: int) -> None:
         """Resuming at ``step``: records of later steps belong to work the restart redoes, so
-        the log keeps one record per step (written to a temp file, then renamed)."""
+        the log keeps one record per step and kind (written to a temp file, then renamed)."""
         if not self.log_path.exists():
             return
         lines = self.log_path.read_text().splitlines(keepends=True)
@@ -74,6 +74,16 @@ class ProgressReporter:
             "samples_per_s": samples_per_s,
             "time": time.time(),  # wall clock, to line the log up with other events
         }
+        self._append(record)
+        return record
+
+    def report_eval(self, record: dict, seconds: float) -> None:
+        """Print and append an evaluation record; its time does not count against throughput."""
+        knn = " ".join(f"k={k} {value:.4f}" for k, value in record["eval"]["knn"].items())
+        log.info("eval at step %d | knn top-1 %s | %.1fs", record["step"], knn, seconds)
+        self._append({**record, "time": time.time()})
+        self._last_time += seconds
+
+    def _append(self, record: dict) -> None:
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        return record
