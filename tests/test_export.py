@@ -16,8 +16,10 @@ from rsdino.cli import main
 from rsdino.config.loader import config_to_yaml
 from rsdino.data.bands import S2_BANDS_SEN12MS
 from rsdino.data.bands import band_stats as rsdino_band_stats
-from rsdino.errors import RsdinoError
+from rsdino.errors import ExitCode, RsdinoError
+from rsdino.eval.model import load_eval_model
 from rsdino.export import _band_stats, load_exported_encoder
+from rsdino.train.checkpoint import MARKER, CheckpointError, checkpoint_name
 from rsdino.train.loop import train
 
 pytest_plugins = ["s3_server"]
@@ -70,9 +72,32 @@ def test_export_from_s3_checkpoints_of_an_older_step(
     assert set(encoder.backbones) == {"s2"}
 
 
+def test_export_and_eval_pick_a_step_alike_naming_the_complete_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One step selection serves export, evaluation and --resume-from-step."""
+    for step in (2, 4):
+        (tmp_path / checkpoint_name(step)).mkdir()
+        (tmp_path / checkpoint_name(step) / MARKER).write_text("{}")
+    (tmp_path / checkpoint_name(3)).mkdir()
+    (tmp_path / checkpoint_name(3) / "__0_0.distcp").write_bytes(b"")  # partial: no marker
+    expected = (
+        f"--step 3: file://{tmp_path}/{checkpoint_name(3)} is not a complete checkpoint; complete "
+        "ones are at steps 2, 4"
+    )
+    out = tmp_path / "x.safetensors"
+    code, _, err = _export(
+        capsys, "--checkpoint-dir", str(tmp_path), "--step", "3", "--out", str(out)
+    )
+    assert code == ExitCode.CHECKPOINT and expected in err and not out.exists()
+    with pytest.raises(CheckpointError) as raised:
+        load_eval_model(str(tmp_path), step=3)
+    assert str(raised.value) == expected
+
+
 def test_export_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _export(capsys, "--checkpoint-dir", str(tmp_path), "--out", "x.safetensors")
-    assert code == 1 and "no complete checkpoint in" in err
+    assert code == ExitCode.CHECKPOINT and "no complete checkpoint in" in err
     code, _, err = _export(capsys, "--output-dir", str(tmp_path), "--out", "x.safetensors")
     assert code == 1 and "no config.yaml" in err
     not_export = tmp_path / "plain.safetensors"

@@ -65,18 +65,7 @@ def export_teacher(checkpoints: Store, out: Path, step: int | None = None) -> Ex
         )
     check_output_file(config_path, "the exported encoder's config")
     store = CheckpointStore(checkpoints)
-    complete = store.complete_steps()
-    if not complete:
-        raise RsdinoError(
-            f"no complete checkpoint in {checkpoints.uri}; pass the run's --output-dir or its "
-            "checkpoint.dir"
-        )
-    step = complete[-1] if step is None else step
-    if step not in complete:
-        raise RsdinoError(
-            f"no complete checkpoint for step {step} in {checkpoints.uri}; complete steps: "
-            f"{', '.join(map(str, complete))}"
-        )
+    step = store.select_complete(step)
     info = store.read_info(step)
     tensors = {
         name: tensor.contiguous()

@@ -99,15 +99,7 @@ def _from_export(path: Path) -> EvalModel:
 
 
 def _from_checkpoints(store: CheckpointStore, step: int | None, results_uri: str) -> EvalModel:
-    complete = store.complete_steps()
-    if not complete:
-        raise ModelSourceError(f"no complete checkpoint in {store.store.uri}")
-    step = complete[-1] if step is None else step
-    if step not in complete:
-        raise ModelSourceError(
-            f"no complete checkpoint for step {step} in {store.store.uri}; complete steps: "
-            f"{', '.join(map(str, complete))}"
-        )
+    step = store.select_complete(step)
     info = store.read_info(step)
     cfg = OmegaConf.create(info.config)
     encoder = build_encoder_from_config(cfg, drop_path_rate=0.0, load_pretrained=False)

@@ -133,20 +133,32 @@ class CheckpointStore:
             if key != marker:
                 self.store.delete(key)
 
-    def require_complete(self, step: int) -> None:
-        """Fail naming the complete checkpoints there are, unless ``step`` is one of them."""
+    def select_complete(self, step: int | None = None, option: str = "--step") -> int:
+        """The checkpoint to read: ``step``, or the newest complete one when ``step`` is None.
+
+        Export, evaluation and ``--resume-from-step`` all pick a step here, so each fails the
+        same way: naming the complete steps there are, and the ``option`` that asked.
+        """
         steps = self.complete_steps()
+        if step is None and not steps:
+            raise CheckpointError(
+                f"no complete checkpoint in {self.store.uri}; pass a run directory of "
+                "`rsdino train` or its checkpoint.dir"
+            )
+        if step is None:
+            return steps[-1]
         if step not in steps:
             raise CheckpointError(
-                f"--resume-from-step {step}: {self.location(step)} is not a complete "
-                f"checkpoint; complete ones are at steps {', '.join(map(str, steps)) or '(none)'}"
+                f"{option} {step}: {self.location(step)} is not a complete checkpoint; "
+                f"complete ones are at steps {', '.join(map(str, steps)) or '(none)'}"
             )
+        return step
 
     def set_aside_after(self, step: int) -> Path | None:
         """Move the checkpoints newer than ``step`` out of the way of a run resumed there (its
         saves would overwrite them, and a restart would resume from them); nothing is deleted.
         Returns where they went."""
-        self.require_complete(step)
+        self.select_complete(step, "--resume-from-step")
         newer = [later for later in self._keys_by_step() if later > step]
         if not newer:
             return None
@@ -244,9 +256,15 @@ class Checkpointer:
         self._pending: _PendingSave | None = None
         self.protected_step: int | None = None  # retention keeps it besides the newest `keep`
 
-    def save(self, state: dict[str, Any], info: CheckpointInfo) -> SaveOutcome | None:
-        """Start saving ``state`` as step ``info.step``; returns the outcome of a save it ended."""
-        ended = self.wait()
+    def save(self, state: dict[str, Any], info: CheckpointInfo) -> list[SaveOutcome]:
+        """Start saving ``state`` as step ``info.step``; returns the saves that ended meanwhile.
+
+        Those are the save still in flight, which ends first (at most one is in flight), and
+        this save itself when saving synchronously; an asynchronous one ends in :meth:`poll` or
+        :meth:`wait`.
+        """
+        previous = self.wait()
+        ended = [] if previous is None else [previous]
         name = checkpoint_name(info.step)
         if self.is_main:
             self._remove_leftovers(info.step)
@@ -267,7 +285,7 @@ class Checkpointer:
                 future.set_exception(exc)
         self._pending = _PendingSave(info=info, future=future, started=started)
         if not self.async_save:
-            return self.wait() or ended
+            ended.append(self._finish())
         return ended
 
     def _remove_leftovers(self, step: int) -> None:
@@ -335,8 +353,7 @@ class Checkpointer:
         """
         steps = self.store.complete_steps()
         if only_step is not None:
-            self.store.require_complete(only_step)
-            steps = [only_step]
+            steps = [self.store.select_complete(only_step, "--resume-from-step")]
         failures: list[str] = []
         for step in reversed(steps):
             location = self.store.location(step)

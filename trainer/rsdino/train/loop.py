@@ -451,8 +451,9 @@ class Trainer:
         self.model.update_teacher(schedules.momentum[step])
         return {**parts, "total": total.detach()}
 
-    def save(self, step: int) -> SaveOutcome | None:
-        """Start a checkpoint of this step (every rank); returns a save that ended meanwhile."""
+    def save(self, step: int) -> list[SaveOutcome]:
+        """Start a checkpoint of this step (every rank); returns the saves that ended meanwhile
+        (the one in flight before, and this one when saving synchronously)."""
         info = CheckpointInfo(
             step=step,
             samples_seen=self.samples_seen,
@@ -605,7 +606,8 @@ class Trainer:
                 if is_ckpt_step or stopping is not None:
                     self.divergence.saving(done)
                     started = time.perf_counter()
-                    self._ended(self.save(done), metrics)
+                    for outcome in self.save(done):
+                        self._ended(outcome, metrics)
                     metrics.observe_checkpoint_stall(time.perf_counter() - started)
                 else:
                     self._ended(self.checkpointer.poll(), metrics)
