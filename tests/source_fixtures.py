@@ -117,3 +117,27 @@ def write_seg_tile(root: Path, name: str, mask: np.ndarray, s1: bool = True) -> 
     write_geotiff(root / "labels" / f"{name}.tif", mask[None].astype(np.uint8))
     if s1:
         write_geotiff(root / "s1" / f"{name}.tif", np.full((2, size, size), -12.0, np.float32))
+
+
+SEN12MS_TREE_PAIRS = 6
+
+
+def sen12ms_tree_arrays(size: int = 32) -> list[tuple[str, np.ndarray, str, np.ndarray]]:
+    """(S1 key, S1 dB array, S2 key, S2 uint16 array) of the tree ``write_sen12ms_tree`` writes,
+    so tests can compute expected values from the very arrays in the files."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for index in range(SEN12MS_TREE_PAIRS):
+        s1_key, s2_key = sen12ms_keys(TRAIN_ROI, index, 0, "2018-03-01", f"2018-03-{index + 1:02d}")
+        arrays.append((s1_key, random_s1(rng, size), s2_key, random_s2(rng, size)))
+    return arrays
+
+
+def write_sen12ms_tree(root: Path, size: int = 32) -> dict[str, bytes]:
+    """Six S1/S2 acquisitions in the SEN12MS-CR-TS folder layout; returns key -> file bytes."""
+    files = {}
+    for s1_key, s1, s2_key, s2 in sen12ms_tree_arrays(size):
+        for key, array in ((s1_key, s1), (s2_key, s2)):
+            write_geotiff(root / key, array)
+            files[key] = (root / key).read_bytes()
+    return files

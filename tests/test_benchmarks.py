@@ -8,7 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import TINY_OVERRIDES
+from omegaconf import DictConfig
+
+from rsdino.config.loader import load_config
+from rsdino.data.bands import BandNormalizer, band_stats
+from rsdino.data.synthetic import SyntheticLandCover
+from rsdino.eval.features import extract_cls_features
+from rsdino.export import load_exported_encoder
+from rsdino.models.build import modalities
+from rsdino.ssl.meta_arch import SSLMetaArch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -40,8 +51,44 @@ def test_knn_signal_reports_both_accuracies(config: list[str], tmp_path: Path) -
     )
     report = json.loads((tmp_path / "run" / "knn_signal.json").read_text())
     assert report["steps"] == 6
-    for key in ("knn_top1_random_init", "knn_top1_pretrained"):
-        assert 0.0 <= report[key] <= 1.0
+    # Recompute both figures: the exported teacher and the seeded initial weights, on tiles the
+    # run never trained on, classified by a kNN written out here.
+    cfg = load_config(config[1], ["train.device=cpu", *TINY_OVERRIDES, *extra])
+    torch.manual_seed(cfg.train.seed)
+    random_init = SSLMetaArch(cfg).teacher["encoder"]
+    pretrained = load_exported_encoder(tmp_path / "run" / "teacher.safetensors")
+    for key, encoder in (
+        ("knn_top1_random_init", random_init),
+        ("knn_top1_pretrained", pretrained),
+    ):
+        assert report[key] == round(_held_out_knn(encoder, cfg, n_train=24, n_test=12, k=5), 4)
+
+
+def _held_out_knn(
+    encoder: torch.nn.Module, cfg: DictConfig, n_train: int, n_test: int, k: int
+) -> float:
+    """Cosine kNN with exp(similarity / 0.07) votes over tiles after the training indices."""
+    synthetic, layout = cfg.train.synthetic, cfg.train.dataset.s2_layout
+    normalizers = {name: BandNormalizer(*band_stats(name, layout)) for name in modalities(cfg)}
+    features = []
+    for offset, count in ((0, n_train), (n_train, n_test)):
+        tiles = SyntheticLandCover(
+            num_samples=count,
+            tile_size=synthetic.tile_size,
+            num_classes=synthetic.num_classes,
+            s2_layout=layout,
+            seed=cfg.train.seed,
+            index_offset=synthetic.num_samples + offset,  # never seen in training
+        )
+        x, y = extract_cls_features(
+            encoder, tiles, normalizers, use_time=cfg.student.temporal_embedding
+        )
+        features.append((F.normalize(x, dim=1), y.long()))
+    (train_x, train_y), (test_x, test_y) = features
+    similarity, nearest = (test_x @ train_x.T).topk(k, dim=1)
+    votes = torch.zeros(len(test_x), synthetic.num_classes)
+    votes.scatter_add_(1, train_y[nearest], (similarity / 0.07).exp())
+    return float((votes.argmax(dim=1) == test_y).float().mean())
 
 
 def test_metrics_overhead_reports_a_ratio() -> None:
@@ -57,6 +104,17 @@ def test_metrics_overhead_reports_a_ratio() -> None:
         text=True,
         timeout=300,
     )
+    assert done.returncode in (0, 1) and "Traceback" not in done.stderr  # 1: over the target
     report = json.loads(done.stdout[done.stdout.index("{") :])
     assert 0 < report["overhead_ratio"] < 1
-    assert done.returncode == (0 if report["overhead_ratio"] < 0.01 else 1)
+    # The ratio is the per-step share of the three measured costs, as the script's docstring says:
+    # every step's call, the interval call every log_every_steps (1 here), and a scrape every 15 s.
+    parts_us = (
+        report["observe_step_us"]
+        + report["observe_interval_us"]
+        + report["scrape_render_ms"] * 1e3 * report["step_seconds"] / 15.0
+    )
+    assert report["overhead_per_step_us"] == pytest.approx(parts_us, rel=1e-3, abs=0.02)
+    assert report["overhead_ratio"] == pytest.approx(
+        report["overhead_per_step_us"] * 1e-6 / report["step_seconds"], rel=1e-3
+    )

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from rsdino.cli import main
+from rsdino.cli import _build_parser, main
+from rsdino.config.loader import load_config
 
 
 def test_help_lists_every_option() -> None:
@@ -23,11 +25,31 @@ def test_help_lists_every_option() -> None:
     assert "quickstart" in out and "vitl16_short_s2" in out
 
 
-def test_top_level_help_lists_train() -> None:
+def test_top_level_help_lists_every_command_with_its_summary() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "rsdino.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "train" in out
+    # The subcommand group argparse keeps among the parser's actions.
+    (commands,) = [action for action in _build_parser()._actions if action.dest == "command"]
+    summaries = {choice.dest: choice.help for choice in commands._choices_actions}
+    assert {"train", "data", "eval", "attention", "export"} <= summaries.keys()
+    listed = " ".join(out.split())  # argparse wraps long summaries
+    for name, summary in summaries.items():
+        assert f"{name} {' '.join(summary.split())}" in listed, name
+
+
+def test_the_parser_and_config_layer_import_no_torch() -> None:
+    """`rsdino --help`, argument errors and config checks cost no torch start-up (seconds)."""
+    script = (
+        "import sys\n"
+        "from rsdino.cli import main\n"
+        "assert main(['train', '--config', 'vitl16_short_multimodal', '--print-config']) == 0\n"
+        "print(sorted(name for name in sys.modules if name.partition('.')[0] == 'torch'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize(
@@ -50,10 +72,14 @@ def test_config_errors_are_one_line(
     assert pattern in err
 
 
-def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+def test_print_config_prints_the_config_the_run_would_use(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["train", "--config", "quickstart", "--print-config", "optim.epochs=3"]) == 0
-    out = capsys.readouterr().out
-    assert "epochs: 3" in out
+    printed = OmegaConf.create(capsys.readouterr().out)
+    expected = load_config("quickstart", ["optim.epochs=3"])
+    assert printed == expected and printed.optim.epochs == 3
+    assert printed != load_config("quickstart")  # the override made it through
 
 
 def test_a_malformed_yaml_file_is_one_line_naming_the_file_and_line(
@@ -72,5 +98,5 @@ def test_a_malformed_yaml_file_is_one_line_naming_the_file_and_line(
 def test_options_may_stand_between_overrides(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["train", "--config", "quickstart", "optim.epochs=3", "--print-config", "train.seed=7"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "epochs: 3" in out and "seed: 7" in out
+    printed = OmegaConf.create(capsys.readouterr().out)
+    assert printed == load_config("quickstart", ["optim.epochs=3", "train.seed=7"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_OVERRIDES, saved_info, torchrun_train_command, train_command
-from test_real_data_training import write_sen12ms_tree
+from source_fixtures import write_sen12ms_tree
 from torch.distributed.elastic.multiprocessing import ProcessFailure
 
 from rsdino.data.sources.decode import CorruptFileError

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_OVERRIDES, tiny_config, train_command
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_fixtures import enabled_config, free_port, scrape, value
 from torch.utils.flop_counter import FlopCounterMode
 
 from rsdino.errors import RsdinoError
@@ -32,34 +31,6 @@ from rsdino.train.metrics import (
 CPU = torch.device("cpu")
 SCHEDULE = {"lr": 1e-3, "wd": 0.04, "momentum": 0.992, "teacher_temp": 0.04}
 LOSSES = {"dino_global": 1.5, "dino_local": 2.5, "ibot": 0.5, "koleo": -0.25, "total": 4.25}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def enabled_config(port: int, *extra: str):
-    return tiny_config(
-        "metrics.enabled=true", "metrics.host=127.0.0.1", f"metrics.port={port}", *extra
-    )
-
-
-def scrape(url: str) -> dict[str, list]:
-    """Samples by sample name (``rsdino_loss``, ``rsdino_steps_total``, ``..._bucket``)."""
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append(sample)
-    return samples
-
-
-def value(samples: dict[str, list], name: str, **labels: str) -> float:
-    matches = [s for s in samples[name] if labels.items() <= s.labels.items()]
-    assert len(matches) == 1, (name, labels, matches)
-    return matches[0].value
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config, tiny_multimodal_config
 from s3_server import put_objects
-from source_fixtures import TRAIN_ROI, random_s1, random_s2, sen12ms_keys, write_geotiff
+from source_fixtures import write_sen12ms_tree
 
 from rsdino.cli import main
 from rsdino.config.loader import ConfigError, load_config
@@ -17,21 +17,6 @@ from rsdino.errors import ExitCode
 from rsdino.train.loop import train
 
 pytest_plugins = ["s3_server"]
-
-N_PAIRS = 6
-
-
-def write_sen12ms_tree(root: Path, size: int = 32) -> dict[str, bytes]:
-    """Six S1/S2 acquisitions in the SEN12MS-CR-TS folder layout; returns key -> file bytes."""
-    rng = np.random.default_rng(0)
-    files = {}
-    for index in range(N_PAIRS):
-        s1_key, s2_key = sen12ms_keys(TRAIN_ROI, index, 0, "2018-03-01", f"2018-03-{index + 1:02d}")
-        write_geotiff(root / s1_key, random_s1(rng, size))
-        write_geotiff(root / s2_key, random_s2(rng, size))
-        files[s1_key] = (root / s1_key).read_bytes()
-        files[s2_key] = (root / s2_key).read_bytes()
-    return files
 
 
 def _sen12ms(uri: str) -> list[str]:

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from test_metrics import enabled_config, free_port, scrape, value
-from test_real_data_training import write_sen12ms_tree
+from metrics_fixtures import enabled_config, free_port, scrape, value
+from source_fixtures import write_sen12ms_tree
 from torch.utils.data import DataLoader
 
 from rsdino.data.sources import Sen12MSSource, SkipBadSamples, store_access

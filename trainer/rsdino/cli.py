@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from rsdino import __version__
 from rsdino.config.loader import ConfigError, available_presets, config_to_yaml, load_config
+from rsdino.data.arguments import add_data_commands
 from rsdino.error_boundary import run_reporting_errors
+from rsdino.eval.arguments import add_eval_commands
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -90,11 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="config overrides by dotted path, e.g. optim.base_lr=0.001 crops.local_crops_number=4",
     )
-    from rsdino.data.commands import add_data_commands
-
     add_data_commands(sub)
-    from rsdino.eval.commands import add_eval_commands
-
     add_eval_commands(sub)
     _add_export_command(sub)
     return parser

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rsdino.config.schema import RootConfig
 from rsdino.config.validate import validate_config
-from rsdino.data.sources.dataset_string import parse_dataset_string
+from rsdino.data.dataset_string import parse_dataset_string
 from rsdino.errors import ExitCode, RsdinoError
 
 

@@ -10,20 +10,15 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
-from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
-from rsdino.models.vit import ARCH_SPECS
+from rsdino.data.band_tables import S1_BANDS, S2_LAYOUTS
+from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
+from rsdino.models.specs import ARCH_SPECS, FFN_LAYER_NAMES, FUSE_ALGS, PATCH_EMBED_ADAPT_MODES
 
-SOURCES = ("synthetic", "sen12ms", "satlas", "geotiff", "shards")
-SEN12MS_LAYOUTS = ("tree", "pairs")
-ON_ERROR = ("skip", "fail")
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 REDUCE_PRECISIONS = ("fp32", "bf16")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
-FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
-PATCH_EMBED_ADAPT = ("mean", "rgb")
-FUSE_ALGS = ("linear", "xattn")
 EVAL_DATASETS = ("synthetic", "eurosat")
 
 
@@ -300,12 +295,12 @@ def validate_config(cfg: DictConfig) -> list[str]:
 
     for key in _arch_keys(cfg):
         _validate_arch(problems, cfg, key)
-    _choice(problems, "student.ffn_layer", student.ffn_layer, FFN_LAYERS)
+    _choice(problems, "student.ffn_layer", student.ffn_layer, FFN_LAYER_NAMES)
     _choice(
         problems,
         "student.pretrained_patch_embed_adapt",
         student.pretrained_patch_embed_adapt,
-        PATCH_EMBED_ADAPT,
+        PATCH_EMBED_ADAPT_MODES,
     )
     _check(problems, student.patch_size >= 1, "student.patch_size must be >= 1")
     _check(problems, student.in_chans >= 1, "student.in_chans must be >= 1")

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from rsdino.data.bands import S2_LAYOUTS
+from rsdino.data.choices import SAMPLE_SOURCES
 from rsdino.data.sources import (
     GeoTiffFolderSource,
     SatlasSource,
@@ -18,8 +19,6 @@ from rsdino.data.sources import (
 from rsdino.data.storage import Store, open_store
 from rsdino.data.synthetic import SyntheticLandCover
 from rsdino.errors import ExitCode, RsdinoError
-
-SAMPLE_SOURCES = ("sen12ms", "satlas", "geotiff")
 
 
 class DatasetError(RsdinoError):

@@ -1,4 +1,7 @@
-"""`rsdino data pack` and `rsdino data stats`: thin layers over pack_dataset, compute_stats."""
+"""`rsdino data pack` and `rsdino data stats`: thin layers over pack_dataset, compute_stats.
+
+Their options are defined in ``rsdino.data.arguments``, which names these handlers lazily.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +9,13 @@ import argparse
 import logging
 
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
-from rsdino.data.build import SAMPLE_SOURCES, SourceSpec, open_source
+from rsdino.data.build import SourceSpec, open_source
 from rsdino.data.destination import check_output_folder
 from rsdino.data.pack import describe_report, pack_dataset
 from rsdino.data.stats import DEFAULT_STATS_KEY, compute_stats, write_stats
 from rsdino.data.storage import open_store
 
 log = logging.getLogger("rsdino")
-
-
-def add_source_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "src", metavar="SRC", help="dataset root: a local path or s3://bucket/prefix"
-    )
-    parser.add_argument(
-        "--source",
-        choices=SAMPLE_SOURCES,
-        default="sen12ms",
-        help="layout of SRC (default: %(default)s)",
-    )
-    parser.add_argument("--split", default="train", help="split to read (default: %(default)s)")
-    parser.add_argument(
-        "--layout",
-        choices=("tree", "pairs"),
-        default="tree",
-        help="sen12ms: ROI folder tree or {split}_all.json pair list (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--s2-only", action="store_true", help="read Sentinel-2 only (sen12ms has S1 too)"
-    )
-    parser.add_argument(
-        "--on-error",
-        choices=("skip", "fail"),
-        default="skip",
-        help="bad tiles: leave out and count (skip) or stop (fail); default: %(default)s",
-    )
 
 
 def _spec(args: argparse.Namespace) -> SourceSpec:
@@ -106,62 +81,3 @@ def run_stats(args: argparse.Namespace) -> int:
     location = f"{args.out.rstrip('/')}/{DEFAULT_STATS_KEY}"
     print(f"wrote {location}; train with train.dataset.stats={location}")
     return 0
-
-
-def add_data_commands(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="prepare datasets: pack shards, measure band statistics")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-
-    pack = data_sub.add_parser(
-        "pack",
-        help="pack a source into shards for fast streaming (resumable, idempotent, verified)",
-        description="Convert SRC into shards under DST (local or s3://). Rerunning skips every "
-        "shard that is already complete; manifest.json is written last. DST is checked (a "
-        "writable folder, or a prefix that takes a probe object) before any tile is read.",
-    )
-    add_source_options(pack)
-    pack.add_argument("dst", metavar="DST", help="output root: a local path or s3://bucket/prefix")
-    pack.add_argument(
-        "--samples-per-chunk",
-        type=int,
-        default=8,
-        help="samples per range read (default: %(default)s)",
-    )
-    pack.add_argument(
-        "--shard-mb", type=int, default=256, help="target shard size in MiB (default: %(default)s)"
-    )
-    pack.add_argument(
-        "--codec",
-        choices=("none", "zlib"),
-        default="none",
-        help="array codec (default: %(default)s)",
-    )
-    pack.add_argument(
-        "--seed", type=int, default=0, help="seed of the packing order (default: %(default)s)"
-    )
-    pack.set_defaults(handler=run_pack)
-
-    stats = data_sub.add_parser(
-        "stats",
-        help="measure per-band mean/std (exact, streaming) and write band_stats.json",
-        description="Measure per-band statistics of SRC and write band_stats.json to --out. "
-        "--out is checked before the pass over the data starts.",
-    )
-    add_source_options(stats)
-    stats.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="folder or s3:// prefix for band_stats.json (required: statistics belong to one "
-        "source and split, so no folder is chosen for you)",
-    )
-    stats.add_argument(
-        "--max-samples",
-        type=int,
-        default=None,
-        help="measure a seeded subset of this many samples (default: all samples)",
-    )
-    stats.add_argument(
-        "--workers", type=int, default=0, help="loader worker processes (default: %(default)s)"
-    )
-    stats.set_defaults(handler=run_stats)

@@ -25,34 +25,6 @@ from rsdino.eval.datasets import EUROSAT_BANDS, EvalDataError, reorder_bands
 from rsdino.eval.features import input_size
 from rsdino.eval.model import EvalModel, load_eval_model
 
-TILE_BAND_ORDERS = ("layout", "eurosat")
-
-
-def add_attention_command(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "attention",
-        help="write per-head last-layer [CLS] attention maps of the teacher as PNGs",
-        description="Render the teacher's last-layer [CLS] attention, per head and averaged, "
-        "over the tile's true colour (B4, B3, B2, 2-98 percentile stretch) and, for "
-        "multimodal models given --s1, over the SAR VV band.",
-    )
-    parser.add_argument(
-        "model", metavar="MODEL", help="export file, run directory or checkpoint root"
-    )
-    parser.add_argument("tile", metavar="TILE", help="a Sentinel-2 GeoTIFF (path or s3:// URI)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
-    parser.add_argument("--s1", metavar="TILE", help="the co-registered Sentinel-1 GeoTIFF")
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument(
-        "--tile-bands",
-        choices=TILE_BAND_ORDERS,
-        default="layout",
-        help="band order of TILE: the model's layout (default) or EuroSAT-MS (B8A last)",
-    )
-    parser.add_argument("--scale", type=int, default=4, help="PNG enlargement (default 4)")
-    parser.add_argument("--stats", default=None, help="band statistics (default: the run's)")
-    parser.set_defaults(handler=_run_attention)
-
 
 def _read(uri: str) -> tuple[np.ndarray, str]:
     parent, _, name = uri.rpartition("/")
@@ -102,7 +74,7 @@ def attention_for_tile(
     return write_attention(model.encoder, inputs, raw, model.layout, out, doy=doy, scale=scale)
 
 
-def _run_attention(args: argparse.Namespace) -> int:
+def run_attention(args: argparse.Namespace) -> int:
     model = load_eval_model(args.model, args.step)
     written = attention_for_tile(
         model,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from rsdino.data.band_tables import EUROSAT_BANDS
 from rsdino.data.bands import band_names
 from rsdino.data.sources.decode import (
     BandCountError,
@@ -31,22 +32,6 @@ from rsdino.data.storage import Store
 from rsdino.errors import ExitCode, RsdinoError
 
 SPLITS = ("train", "val", "test")
-# EuroSAT-MS GeoTIFFs store the 13 bands in this order: B8A comes last, not after B8.
-EUROSAT_BANDS: tuple[str, ...] = (
-    "B1",
-    "B2",
-    "B3",
-    "B4",
-    "B5",
-    "B6",
-    "B7",
-    "B8",
-    "B9",
-    "B10",
-    "B11",
-    "B12",
-    "B8A",
-)
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 

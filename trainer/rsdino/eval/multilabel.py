@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from rsdino.data.band_tables import BIGEARTHNET_S2_BANDS
 from rsdino.data.bands import band_names
 from rsdino.data.sources.decode import fill_sar_gaps, to_reflectance_uint16
 from rsdino.data.storage import Store
@@ -54,21 +55,6 @@ BIGEARTHNET_19: tuple[str, ...] = (
     "Coastal wetlands",
     "Inland waters",
     "Marine waters",
-)
-# BigEarthNet-S2 is Level-2A: it has no B10 (cirrus), so that band is filled for 13-band models.
-BIGEARTHNET_S2_BANDS: tuple[str, ...] = (
-    "B1",
-    "B2",
-    "B3",
-    "B4",
-    "B5",
-    "B6",
-    "B7",
-    "B8",
-    "B8A",
-    "B9",
-    "B11",
-    "B12",
 )
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _ID_COLUMNS = ("patch_id", "patch", "name")

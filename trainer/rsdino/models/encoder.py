@@ -12,10 +12,9 @@ from torch import Tensor, nn
 
 from rsdino.models.fusion import CrossAttentionFusion, LinearFusion
 from rsdino.models.layers import weight_decay_exempt
+from rsdino.models.specs import FUSE_ALGS
 from rsdino.models.temporal import TemporalEmbedding
 from rsdino.models.vit import VisionTransformer
-
-FUSE_ALGS = ("linear", "xattn")
 
 
 def _shared_value(backbones: dict[str, VisionTransformer], attribute: str) -> int:

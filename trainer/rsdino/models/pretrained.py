@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 
 from rsdino.models.heads import DINOHead
+from rsdino.models.specs import PATCH_EMBED_ADAPT_MODES
 from rsdino.models.vit import VisionTransformer, resample_patch_pos_embed
-
-PATCH_EMBED_ADAPT_MODES = ("mean", "rgb")
 
 # Checkpoint wrappers, most specific first: the EMA teacher is the backbone DINOv2 evaluates.
 _WRAPPER_KEYS = ("teacher", "model")

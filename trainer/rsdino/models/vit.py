@@ -19,14 +19,7 @@ from rsdino.models.layers import (
     SwiGLUFFN,
     weight_decay_exempt,
 )
-
-ARCH_SPECS: dict[str, tuple[int, int, int]] = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-    "vit_giant2": (1536, 40, 24),
-}
+from rsdino.models.specs import ARCH_SPECS
 
 FFN_LAYERS: dict[str, type[Mlp] | type[SwiGLUFFN]] = {
     "mlp": Mlp,
