@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,37 @@ def test_bands_for_a_source_that_reads_whole_tiles_is_an_error(source: list[str]
     pattern = rf"train\.dataset\.bands=\[2, 3, 4\] .* train\.dataset\.source='{name}'"
     with pytest.raises(ConfigError, match=pattern):
         load_config("quickstart", [*source, "train.dataset.bands=[2,3,4]", "student.in_chans=3"])
+
+
+@pytest.mark.parametrize(
+    ("preset", "override", "mode"),
+    [
+        ("quickstart", "student.fuse_alg=nonsense", "train.multimodal=true"),
+        ("quickstart", "student.arch_s1=vit_nonexistent", "train.multimodal=true"),
+        ("quickstart", "student.xattn.nhead=2", "train.multimodal=true"),
+        ("quickstart", "train.dataset.layout=pairs", "train.dataset.source=sen12ms"),
+        ("vitl16_short", "ibot.head_n_prototypes=4096", "ibot.separate_head=true"),
+    ],
+)
+def test_a_key_the_mode_does_not_read_names_the_key_and_the_mode(
+    preset: str, override: str, mode: str
+) -> None:
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}=.* applies only with {mode}"):
+        load_config(preset, [override])
+
+
+def test_keys_of_the_active_mode_and_defaults_elsewhere_are_accepted() -> None:
+    cfg = load_config(
+        "quickstart_multimodal", ["student.fuse_alg=xattn", "student.arch_s1=vit_tiny"]
+    )
+    assert cfg.student.fuse_alg == "xattn" and cfg.student.arch_s1 == "vit_tiny"
+    sen12ms = [
+        "train.dataset.source=sen12ms",
+        "train.dataset.uri=/data",
+        "train.dataset.layout=pairs",
+    ]
+    assert load_config("quickstart", sen12ms).train.dataset.layout == "pairs"
+    assert load_config("vitl14").ibot.head_n_prototypes == 131072  # separate_head: true there
+    # A unimodal run whose multimodal keys hold their defaults is fine.
+    assert load_config("quickstart").student.fuse_alg == "linear"

@@ -7,8 +7,10 @@ of after the model is built or, worse, hours into a run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rsdino.data.band_tables import S1_BANDS, S2_LAYOUTS
 from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
@@ -231,6 +233,60 @@ def _validate_evaluation(problems: list[str], cfg: DictConfig) -> None:
     _check(problems, ev.batch_size >= 1, "evaluation.batch_size must be >= 1")
 
 
+# Keys that only one mode reads: set away from default.yaml in another mode, they would be
+# ignored silently, so they are errors naming the key and the mode that would read them.
+MODE_KEYS: tuple[tuple[str, Callable[[DictConfig], bool], tuple[str, ...]], ...] = (
+    (
+        "train.multimodal=true",
+        lambda cfg: cfg.train.multimodal,
+        (
+            "student.arch_s1",
+            "student.arch_s2",
+            "student.in_chans_s1",
+            "student.in_chans_s2",
+            "student.fuse_alg",
+            "student.xattn.nhead",
+            "student.xattn.nlayer",
+            "student.xattn.dropout",
+        ),
+    ),
+    (
+        "train.dataset.source=sen12ms",
+        lambda cfg: cfg.train.dataset.source == "sen12ms",
+        ("train.dataset.layout",),
+    ),
+    (
+        "ibot.separate_head=true",
+        lambda cfg: cfg.ibot.separate_head,
+        (
+            "ibot.head_n_prototypes",
+            "ibot.head_bottleneck_dim",
+            "ibot.head_nlayers",
+            "ibot.head_hidden_dim",
+        ),
+    ),
+)
+
+
+@cache
+def _defaults() -> DictConfig:
+    return OmegaConf.load(Path(__file__).with_name("default.yaml"))
+
+
+def _validate_applicable(problems: list[str], cfg: DictConfig) -> None:
+    """A key the chosen mode does not read must keep its default, or the user thinks it works."""
+    for mode, active, keys in MODE_KEYS:
+        if active(cfg):
+            continue
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value != OmegaConf.select(_defaults(), key):
+                problems.append(
+                    f"{key}={value!r} applies only with {mode}, which this config does not "
+                    "set; remove the key or set that mode"
+                )
+
+
 def validate_config(cfg: DictConfig) -> list[str]:
     """Return human-readable problems; an empty list means the config is usable."""
     problems: list[str] = []
@@ -239,6 +295,7 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _validate_dataset(problems, cfg)
     _validate_bands(problems, cfg)
     _validate_evaluation(problems, cfg)
+    _validate_applicable(problems, cfg)
     _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
     s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"
     s2_chans = student.in_chans_s2 if train.multimodal else student.in_chans
