@@ -192,6 +192,7 @@ def _fsdp_worker(rank: int, store_path: str, checkpoint_dir: str) -> None:
         set_model_state_dict(restored, state)
         for name, param in restored.named_parameters():
             assert torch.equal(param.full_tensor(), gathered[name]), name
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

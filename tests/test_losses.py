@@ -60,6 +60,12 @@ def test_normalise_dino_losses_turns_swapped_global_mean_into_pair_mean() -> Non
     )
     assert scaled_global.item() == pytest.approx(pair_sum / 8, rel=1e-6)
     assert scaled_local.item() == pytest.approx(6.0 / 8)
+    # Three global crops: 3 * 2 global pairs whose mean is given, and 3 * 1 local pairs.
+    scaled_global, scaled_local = normalise_dino_losses(
+        torch.tensor(0.5), torch.tensor(6.0), n_global_crops=3, n_local_crops=1
+    )
+    assert scaled_global.item() == pytest.approx(0.5 * 6 / 9)
+    assert scaled_local.item() == pytest.approx(6.0 / 9)
 
 
 def test_dino_loss_terms() -> None:
@@ -243,6 +249,7 @@ def _two_rank_worker(rank: int, store_path: str) -> None:
             n_iterations=1,
         )
         assert ibot_probs[0].tolist() == pytest.approx(_TWO_BY_TWO_ONE_ITERATION[rank], rel=1e-5)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

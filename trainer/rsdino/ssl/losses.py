@@ -209,10 +209,10 @@ def normalise_dino_losses(
     """Scale the raw DINO losses to a mean over all crop pairs, exactly as DINOv2 does.
 
     ``local_loss`` is :class:`DinoClsLoss` summed over every (local, global teacher) pair.
-    ``global_loss`` is the batch mean over the stacked global crops, each matched with the *other*
-    teacher crop: the mean of the two swapped pairs, so ``* 2`` turns it into their sum (DINOv2
-    trains with two global crops). Both are then divided by the total pair count.
+    ``global_loss`` is the mean over the (global student, other global teacher) pairs (with two
+    crops, the batch mean over the stacked crops, each matched with the swapped teacher crop), so
+    multiplying by their count gives their sum. Both sums are divided by the total pair count.
     """
     global_terms, local_terms = dino_loss_terms(n_global_crops, n_local_crops)
     total_terms = global_terms + local_terms
-    return global_loss * 2 / total_terms, local_loss / total_terms
+    return global_loss * global_terms / total_terms, local_loss / total_terms
