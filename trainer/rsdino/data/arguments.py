@@ -1,4 +1,4 @@
-"""Options of `rsdino data pack` and `rsdino data stats`; the handlers load when a command runs."""
+"""Options of `rsdino data pack`, `stats` and `clouds`; the handlers load when a command runs."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="prepare datasets: pack shards, measure band statistics")
+    data = sub.add_parser(
+        "data", help="prepare datasets: pack shards, measure band statistics, score clouds"
+    )
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
     pack = data_sub.add_parser(
@@ -93,3 +95,51 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=0, help="loader worker processes (default: %(default)s)"
     )
     stats.set_defaults(handler=lazy_handler("rsdino.data.commands:run_stats"))
+
+    clouds = data_sub.add_parser(
+        "clouds",
+        help="score each Sentinel-2 acquisition's cloud cover with s2cloudless (clouds.json)",
+        description="Score every Sentinel-2 acquisition of a SEN12MS-CR-TS root with s2cloudless "
+        "and write the cloud fraction and mean cloud probability per S2 key to clouds.json. "
+        "Rerunning with the same detector settings scores only new keys; the destination is "
+        "checked before any tile is read. Needs pip install 'rsdino[clouds]'.",
+    )
+    clouds.add_argument(
+        "src", metavar="SRC", help="SEN12MS-CR-TS root: a local path or s3://bucket/prefix"
+    )
+    clouds.add_argument("--split", default="train", help="split to read (default: %(default)s)")
+    clouds.add_argument(
+        "--layout",
+        choices=SEN12MS_LAYOUTS,
+        default="tree",
+        help="ROI folder tree or {split}_all.json pair list (default: %(default)s)",
+    )
+    clouds.add_argument(
+        "--threshold",
+        type=float,
+        default=0.4,
+        help="cloud probability above which a pixel is cloud (default: %(default)s)",
+    )
+    clouds.add_argument(
+        "--batch", type=int, default=16, help="tiles per detector call (default: %(default)s)"
+    )
+    clouds.add_argument(
+        "--out",
+        default=None,
+        metavar="URI",
+        help="folder or s3:// prefix for clouds.json (default: SRC)",
+    )
+    clouds.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="threads that read and decode tiles; 0 reads in the main thread (default: "
+        "%(default)s)",
+    )
+    clouds.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="skip",
+        help="bad tiles: leave out and count (skip) or stop (fail); default: %(default)s",
+    )
+    clouds.set_defaults(handler=lazy_handler("rsdino.data.clouds:run_clouds"))
