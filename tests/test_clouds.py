@@ -15,7 +15,8 @@ from source_fixtures import TRAIN_ROI, sen12ms_keys, write_geotiff
 from rsdino.cli import main
 from rsdino.data import clouds
 from rsdino.data.band_tables import S2_BANDS_SEN12MS
-from rsdino.data.clouds import DILATION_SIZE, SCORES_KEY, load_detector, score_tiles
+from rsdino.data.cloud_scores import SCORES_KEY
+from rsdino.data.clouds import DILATION_SIZE, load_detector, score_tiles
 
 pytest_plugins = ["s3_server"]
 

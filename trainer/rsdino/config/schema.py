@@ -62,11 +62,19 @@ class SyntheticConfig:
 
 
 @dataclass
+class CloudsConfig:
+    scores: str = MISSING
+    max_fraction: float = MISSING
+    policy: str = MISSING
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     dataset_path: str = MISSING
     storage: StorageConfig = field(default_factory=StorageConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    clouds: CloudsConfig = field(default_factory=CloudsConfig)
     multimodal: bool = MISSING
     modality_dropout: float = MISSING
     batch_size_per_gpu: int = MISSING

@@ -116,6 +116,28 @@ def _validate_multimodal(problems: list[str], cfg: DictConfig) -> None:
         )
 
 
+def _validate_clouds(problems: list[str], cfg: DictConfig) -> None:
+    clouds = cfg.train.clouds
+    _check(
+        problems,
+        0.0 <= clouds.max_fraction <= 1.0,
+        f"train.clouds.max_fraction={clouds.max_fraction} must be in [0, 1] (1: off)",
+    )
+    if clouds.max_fraction >= 1:
+        return
+    _check(
+        problems,
+        cfg.train.dataset.source == "sen12ms",
+        f"train.clouds.max_fraction needs train.dataset.source=sen12ms (the scores name its "
+        f"Sentinel-2 files), not {cfg.train.dataset.source!r}",
+    )
+    _check(
+        problems,
+        clouds.policy == "drop",
+        f"train.clouds.policy={clouds.policy!r} is not supported yet; only drop is built",
+    )
+
+
 def _validate_dataset(problems: list[str], cfg: DictConfig) -> None:
     dataset = cfg.train.dataset
     _choice(problems, "train.dataset.source", dataset.source, SOURCES)
@@ -256,6 +278,11 @@ MODE_KEYS: tuple[tuple[str, Callable[[DictConfig], bool], tuple[str, ...]], ...]
         ("train.dataset.layout",),
     ),
     (
+        "train.clouds.max_fraction < 1",
+        lambda cfg: cfg.train.clouds.max_fraction < 1,
+        ("train.clouds.scores", "train.clouds.policy"),
+    ),
+    (
         "ibot.separate_head=true",
         lambda cfg: cfg.ibot.separate_head,
         (
@@ -295,6 +322,7 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _validate_dataset(problems, cfg)
     _validate_bands(problems, cfg)
     _validate_evaluation(problems, cfg)
+    _validate_clouds(problems, cfg)
     _validate_applicable(problems, cfg)
     _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
     s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"

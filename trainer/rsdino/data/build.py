@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from rsdino.data.bands import S2_LAYOUTS
 from rsdino.data.choices import SAMPLE_SOURCES
+from rsdino.data.cloud_scores import SCORES_KEY, read_cloud_fractions
 from rsdino.data.sources import (
     GeoTiffFolderSource,
     SatlasSource,
@@ -116,5 +117,48 @@ def build_dataset(cfg: DictConfig) -> Dataset:
             s2_layout=dataset.s2_layout,
             seed=cfg.train.seed,
         )
-    source = open_source(SourceSpec.from_config(cfg))
+    spec = SourceSpec.from_config(cfg)
+    source = open_source(spec)
+    if cfg.train.clouds.max_fraction < 1:
+        drop_cloudy(source, spec, cfg.train.clouds)
     return SkipBadSamples(source)
+
+
+def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: DictConfig) -> None:
+    """Leave out the acquisitions scored cloudier than ``clouds.max_fraction``.
+
+    Every kept key must have a score: an unscored acquisition could be as cloudy as any, so the
+    run stops naming it rather than train on it. The count goes to the start line and metrics
+    (:func:`cloudy_left_out`).
+    """
+    location = clouds.scores or f"{spec.uri.rstrip('/')}/{SCORES_KEY}"
+    folder, _, name = location.rpartition("/")
+    store = open_store(folder or ".", **spec.storage)
+    if not store.exists(name):
+        raise DatasetError(
+            f"train.clouds: no cloud score file at {location}; run `rsdino data clouds "
+            f"{spec.uri} --split {spec.split}` first, or set train.clouds.scores"
+        )
+    try:
+        fractions = read_cloud_fractions(store, name, location)
+    except ValueError as exc:
+        raise DatasetError(f"train.clouds: {exc}; rerun `rsdino data clouds`") from exc
+    unscored = [key for key in source.keys if key not in fractions]
+    if unscored:
+        raise DatasetError(
+            f"train.clouds: {len(unscored)} of {len(source)} acquisitions have no score in "
+            f"{location}, e.g. {unscored[0]}; rerun `rsdino data clouds {spec.uri} --split "
+            f"{spec.split}` (it scores only the new ones)"
+        )
+    total = len(source)
+    source.cloudy_left_out = source.keep_only(lambda key: fractions[key] <= clouds.max_fraction)
+    if len(source) == 0:
+        raise DatasetError(
+            f"train.clouds.max_fraction={clouds.max_fraction} leaves none of the {total} "
+            f"acquisitions at {spec.uri}; raise it"
+        )
+
+
+def cloudy_left_out(dataset: object) -> int:
+    """How many acquisitions ``train.clouds`` left out of ``dataset`` (0 without the filter)."""
+    return getattr(getattr(dataset, "source", dataset), "cloudy_left_out", 0)

@@ -2,15 +2,14 @@
 
 SEN12MS-CR-TS keeps its cloudy acquisitions on purpose (it is a cloud-removal dataset), so a run
 that wants clear views has to know which ones they are. One JSON file holds a score per S2 key;
-training does not read it yet. Scoring a whole dataset takes hours, so the command resumes like
-``data pack``: keys already in the file under the same detector settings are kept, and progress
-is saved every few batches.
+``train.clouds.max_fraction`` reads it (``data.build.drop_cloudy``). Scoring a whole dataset takes
+hours, so the command resumes like ``data pack``: keys already in the file under the same detector
+settings are kept, and progress is saved every few batches.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import numpy as np
 from rsdino.config.loader import ConfigError
 from rsdino.data.band_tables import S2_BANDS_SEN12MS
 from rsdino.data.build import SourceSpec, open_source
+from rsdino.data.cloud_scores import SCORES_KEY, parse_scores, scores_document
 from rsdino.data.destination import check_output_folder
 from rsdino.data.sources.decode import DataError, check_band_count, decode_geotiff
 from rsdino.data.storage import Store, open_store
@@ -29,8 +29,6 @@ from rsdino.train.output_dir import OutputDirError
 
 log = logging.getLogger("rsdino")
 
-SCORES_KEY = "clouds.json"
-SCORES_VERSION = 1
 # The ten bands s2cloudless's classifier reads when all_bands=False, in the order it reads them.
 DETECTOR_BANDS: tuple[str, ...] = ("B1", "B2", "B4", "B5", "B8", "B8A", "B9", "B10", "B11", "B12")
 _DETECTOR_BAND_INDEX = [S2_BANDS_SEN12MS.index(name) for name in DETECTOR_BANDS]
@@ -122,26 +120,14 @@ def _read_scores(store: Store, location: str) -> dict[str, Any] | None:
     if not store.exists(SCORES_KEY):
         return None
     try:
-        document = json.loads(store.read(SCORES_KEY))
-        valid = (
-            document["version"] == SCORES_VERSION
-            and isinstance(document["detector"], dict)
-            and isinstance(document["acquisitions"], dict)
-        )
-    except (ValueError, KeyError, TypeError):
-        valid = False
-    if not valid:
-        raise OutputDirError(
-            f"{location} is not a version {SCORES_VERSION} cloud score file; move it away or "
-            "pass another --out"
-        )
-    return document
+        return parse_scores(store.read(SCORES_KEY), location)
+    except ValueError as exc:
+        raise OutputDirError(f"{exc}; move it away or pass another --out") from exc
 
 
 def _write_scores(store: Store, settings: dict[str, Any], scores: dict[str, dict]) -> None:
     """One write: the local store renames a complete temp file, S3 takes a single put."""
-    document = {"version": SCORES_VERSION, "detector": settings, "acquisitions": scores}
-    store.write(SCORES_KEY, json.dumps(document, indent=1, sort_keys=True).encode("utf-8"))
+    store.write(SCORES_KEY, scores_document(settings, scores))
 
 
 def _kept_scores(

@@ -20,7 +20,7 @@ from rsdino import __version__
 from rsdino.config.loader import config_to_yaml
 from rsdino.data.augment import MultiCropAugment
 from rsdino.data.bands import S2_LAYOUTS, BandNormalizer
-from rsdino.data.build import SourceSpec, build_dataset
+from rsdino.data.build import SourceSpec, build_dataset, cloudy_left_out
 from rsdino.data.masking import IBotMasks, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
@@ -186,7 +186,13 @@ def describe_data(cfg: DictConfig, dataset: object) -> str:
     else:
         where = f"{spec.source} at {spec.uri}"
     split = f", split {spec.split}" if spec.source in ("sen12ms", "satlas") else ""
-    return f"{where}{split}: {count} samples"
+    cloudy = cloudy_left_out(dataset)
+    clouds = (
+        f" ({cloudy} acquisitions left out: cloud fraction > {cfg.train.clouds.max_fraction})"
+        if cfg.train.clouds.max_fraction < 1
+        else ""
+    )
+    return f"{where}{split}: {count} samples{clouds}"
 
 
 def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) -> ShardStream:

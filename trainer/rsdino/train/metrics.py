@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from rsdino import __version__
+from rsdino.data.build import cloudy_left_out
 from rsdino.data.sources.decode import DataError
 from rsdino.data.worker_stats import data_error_counts, storage_snapshot
 from rsdino.errors import RsdinoError
@@ -318,6 +319,11 @@ class TrainingMetrics:
         self.data_errors = family(
             Counter, "rsdino_data_errors_total", "Bad samples skipped, by kind", ("kind",)
         )
+        self.cloudy_left_out = family(
+            Gauge,
+            "rsdino_data_cloudy_left_out",
+            "Acquisitions train.clouds left out of the dataset at start (cloud fraction too high)",
+        )
         self.storage_requests = family(
             Counter,
             "rsdino_storage_requests_total",
@@ -365,6 +371,7 @@ class TrainingMetrics:
     def watch_data(self, dataset: object) -> None:
         """Read data-error and storage counts from ``dataset`` at every interval."""
         self._dataset = dataset
+        self.cloudy_left_out.labels(**self.base).set(cloudy_left_out(dataset))
 
     def observe_step(self, step: int, samples: int, data_wait: float, duration: float) -> None:
         """After each step, from host timers only: ``step`` is the number of completed steps."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,7 @@ class Sen12MSSource(Dataset):
         self.multimodal = multimodal
         self._read_bytes = read_bytes
         self.bad_data = BadDataPolicy(on_error)
+        self.cloudy_left_out = 0  # acquisitions a cloud filter removed (data.build.drop_cloudy)
         if layout == "tree":
             self._pairs = self._index_tree(list_keys(""))
         else:
@@ -146,6 +148,14 @@ class Sen12MSSource(Dataset):
 
     def __len__(self) -> int:
         return len(self._pairs)
+
+    def keep_only(self, keep: Callable[[str], bool]) -> int:
+        """Keep the samples whose Sentinel-2 key passes ``keep`` (e.g. clear enough); returns how
+        many were left out. Done before any loader or sampler sees the source."""
+        kept = [pair for pair in self._pairs if keep(pair.s2)]
+        left_out = len(self._pairs) - len(kept)
+        self._pairs = kept
+        return left_out
 
     def __getitem__(self, index: int) -> dict:
         pair = self._pairs[index]
