@@ -25,3 +25,15 @@ def test_ema_updates_parameters_in_place_without_grad() -> None:
 def test_ema_rejects_mismatched_lists() -> None:
     with pytest.raises(ValueError, match="teacher has 2"):
         update_teacher_ema([torch.zeros(1)], [torch.zeros(1), torch.zeros(1)], momentum=0.9)
+
+
+def test_ema_matches_the_momentum_formula_on_many_tensors() -> None:
+    generator = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(64, 33, generator=generator) for _ in range(3)]
+    student = [torch.randn(64, 33, generator=generator) for _ in range(3)]
+    expected = [
+        0.996 * t.double() + 0.004 * s.double() for t, s in zip(teacher, student, strict=True)
+    ]
+    update_teacher_ema(student, teacher, momentum=0.996)
+    for got, want in zip(teacher, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)

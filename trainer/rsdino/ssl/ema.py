@@ -19,7 +19,9 @@ def update_teacher_ema(
 ) -> None:
     """``teacher = momentum * teacher + (1 - momentum) * student``, in place, pairwise.
 
-    Uses the fused ``_foreach`` kernels: one launch for the whole model instead of one per tensor.
+    Written as ``teacher += (1 - momentum) * (student - teacher)``, one fused ``_foreach_lerp_``
+    over the whole model: one read of each tensor pair and one write, where multiply-then-add
+    reads and writes the teacher twice.
     """
     if len(student_params) != len(teacher_params):
         raise ValueError(
@@ -27,5 +29,4 @@ def update_teacher_ema(
         )
     students = [_local(param) for param in student_params]
     teachers = [_local(param) for param in teacher_params]
-    torch._foreach_mul_(teachers, momentum)
-    torch._foreach_add_(teachers, students, alpha=1 - momentum)
+    torch._foreach_lerp_(teachers, students, 1 - momentum)
