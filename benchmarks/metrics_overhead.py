@@ -21,9 +21,10 @@ from tempfile import TemporaryDirectory
 from prometheus_client import generate_latest
 
 from rsdino.config.loader import load_config
+from rsdino.ssl.meta_arch import SSLMetaArch
 from rsdino.train.dist import DistContext
 from rsdino.train.loop import train
-from rsdino.train.metrics import start_metrics
+from rsdino.train.metrics import estimate_step_cost, start_metrics
 from rsdino.train.runtime import resolve_device
 
 
@@ -58,7 +59,9 @@ def main() -> int:
         step_seconds = (time.perf_counter() - started) / result.final_step
 
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=resolve_device(cfg.train.device))
-    metrics = start_metrics(load_config(args.config, base), ctx, preset=args.config)
+    exporter_cfg = load_config(args.config, base)
+    cost = estimate_step_cost(exporter_cfg, SSLMetaArch(exporter_cfg).student)
+    metrics = start_metrics(exporter_cfg, ctx, args.config, cost)
     losses = {"dino_global": 1.0, "dino_local": 2.0, "ibot": 1.5, "koleo": 0.1, "total": 4.6}
     scalars = {"lr": 1e-3, "wd": 0.04, "momentum": 0.99, "teacher_temp": 0.04}
     step_call = per_call_seconds(lambda: metrics.observe_step(1, 32, 0.001, 0.1), 10000)

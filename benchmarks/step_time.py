@@ -118,6 +118,7 @@ class Measurement:
     warmup_steps: int
     step_seconds: list[float]
     peak_memory_bytes: int | None  # CUDA only
+    flops_per_step: float  # as the trained model reports it (estimate_step_cost)
 
 
 def measure(cfg: DictConfig, warmup: int, steps: int) -> Measurement:
@@ -137,7 +138,8 @@ def measure(cfg: DictConfig, warmup: int, steps: int) -> Measurement:
         step_seconds(trainer, batches[:warmup], 0)
         durations = step_seconds(trainer, batches[warmup:], warmup)
         peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return Measurement(device, device_name(device), warmup, durations, peak_memory)
+        flops = estimate_step_cost(cfg, trainer.model.student).flops
+    return Measurement(device, device_name(device), warmup, durations, peak_memory, flops)
 
 
 def build_report(
@@ -153,7 +155,7 @@ def build_report(
     precision = resolve_precision(cfg.train.precision, measurement.device)
     batch_size = cfg.train.batch_size_per_gpu
     mean_step = statistics.fmean(durations)
-    flops = estimate_step_cost(cfg).flops
+    flops = measurement.flops_per_step
     achieved_tflops = flops / mean_step / 1e12
     peak_memory = measurement.peak_memory_bytes
     return {

@@ -20,7 +20,7 @@ from rsdino.data.cloud_scores import SCORES_KEY, scores_document
 from rsdino.errors import ExitCode
 from rsdino.train.dist import DistContext
 from rsdino.train.loop import train
-from rsdino.train.metrics import start_metrics
+from rsdino.train.metrics import StepCost, start_metrics
 
 pytest_plugins = ["s3_server"]
 CPU = torch.device("cpu")
@@ -87,7 +87,7 @@ def test_the_gauge_counts_the_left_out_acquisitions(scored_tree: Path) -> None:
         f"metrics.port={free_port()}",
     )
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=CPU)
-    metrics = start_metrics(cfg, ctx, preset="quickstart_multimodal")
+    metrics = start_metrics(cfg, ctx, "quickstart_multimodal", StepCost(flops=0.0, tokens=0))
     try:
         metrics.watch_data(build_dataset(cfg))
         assert value(scrape(metrics.url), "rsdino_data_cloudy_left_out") == 3

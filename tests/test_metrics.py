@@ -14,23 +14,29 @@ from metrics_fixtures import enabled_config, free_port, scrape, value
 from torch.utils.flop_counter import FlopCounterMode
 
 from rsdino.errors import RsdinoError
+from rsdino.models.heads import DINOHead
 from rsdino.models.vit import VisionTransformer
+from rsdino.ssl.meta_arch import SSLMetaArch
 from rsdino.train.dist import DistContext
 from rsdino.train.metrics import (
     DATA_ERROR_KINDS,
     DEFAULT_METRICS_PORT,
     DisabledMetrics,
+    StepCost,
     TrainingMetrics,
     estimate_step_cost,
-    head_flops_per_token,
     metrics_address,
     start_metrics,
-    vit_forward_flops,
 )
 
 CPU = torch.device("cpu")
+NO_COST = StepCost(flops=0.0, tokens=0)  # for tests of everything but the FLOPs
 SCHEDULE = {"lr": 1e-3, "wd": 0.04, "momentum": 0.992, "teacher_temp": 0.04}
 LOSSES = {"dino_global": 1.5, "dino_local": 2.5, "ibot": 0.5, "koleo": -0.25, "total": 4.25}
+
+
+def _model_cost(cfg) -> StepCost:
+    return estimate_step_cost(cfg, SSLMetaArch(cfg).student)
 
 
 @pytest.fixture
@@ -38,7 +44,7 @@ def exporter():
     port = free_port() - 1  # local rank 1 serves base + 1
     cfg = enabled_config(port, "metrics.job=unit", "metrics.peak_flops_per_device=1e9")
     ctx = DistContext(rank=3, local_rank=1, world_size=4, device=CPU)
-    metrics = start_metrics(cfg, ctx, preset="vit_small/16")
+    metrics = start_metrics(cfg, ctx, "vit_small/16", _model_cost(cfg))
     yield cfg, metrics
     metrics.close()
 
@@ -87,7 +93,7 @@ def test_exporter_serves_every_family_with_rank_labels(exporter) -> None:
     assert value(samples, "rsdino_weight_decay") == 0.04
     assert value(samples, "rsdino_teacher_momentum") == 0.992
     assert value(samples, "rsdino_teacher_temperature") == 0.04
-    flops = estimate_step_cost(cfg).flops
+    flops = _model_cost(cfg).flops
     assert value(samples, "rsdino_mfu_ratio") == pytest.approx(flops * 2 / 2.0 / 1e9)
     assert "rsdino_gpu_memory_bytes" not in samples  # CUDA only
     assert value(samples, "rsdino_world_size") == 4
@@ -123,7 +129,7 @@ def test_counters_only_increase_when_a_source_restarts_its_counts(exporter) -> N
 
 def test_unknown_peak_flops_exports_no_mfu() -> None:
     cfg = enabled_config(free_port())
-    metrics = start_metrics(cfg, DistContext(0, 0, 1, CPU), preset="p")
+    metrics = start_metrics(cfg, DistContext(0, 0, 1, CPU), "p", NO_COST)
     try:
         metrics.observe_step(1, samples=4, data_wait=0.0, duration=1.0)
         metrics.observe_interval(LOSSES, SCHEDULE)
@@ -138,11 +144,11 @@ def test_port_in_use_names_the_port_and_the_setting() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(RsdinoError, match=rf"port {port} \(metrics\.port={port} "):
-            start_metrics(enabled_config(port), DistContext(0, 0, 1, CPU), preset="p")
+            start_metrics(enabled_config(port), DistContext(0, 0, 1, CPU), "p", NO_COST)
 
 
 def test_disabled_metrics_is_a_no_op() -> None:
-    metrics = start_metrics(tiny_config(), DistContext(0, 0, 1, CPU), preset="p")
+    metrics = start_metrics(tiny_config(), DistContext(0, 0, 1, CPU), "p", NO_COST)
     assert isinstance(metrics, DisabledMetrics)
     assert metrics.url is None
     public = {name for name in dir(TrainingMetrics) if not name.startswith("_")}
@@ -152,21 +158,16 @@ def test_disabled_metrics_is_a_no_op() -> None:
     metrics.close()
 
 
-def test_vit_flops_match_a_hand_count_and_torch_flop_counter() -> None:
+def test_the_vit_reports_the_flops_of_a_hand_count_and_of_torch_s_flop_counter() -> None:
     # 4x4 image, patch 2: 4 patches + [CLS] = 5 tokens, dim 8, one block, FFN width 32.
     patch_embed = 2 * 4 * (3 * 2 * 2) * 8  # 768
     qkv_and_proj = 2 * 5 * (8 * 24 + 8 * 8)  # 2560
     attention = 2 * (5 * 5 * 8) * 2  # QK^T and AV: 800
     ffn = 2 * 5 * (8 * 32 + 32 * 8)  # 5120
-    hand = patch_embed + qkv_and_proj + attention + ffn
-    estimate = vit_forward_flops(
-        n_patches=4, extra_tokens=1, dim=8, depth=1, patch_size=2, in_chans=3
-    )
-    assert estimate == hand == 9248
-
     model = VisionTransformer(
         img_size=4, patch_size=2, in_chans=3, embed_dim=8, depth=1, num_heads=2
     )
+    assert model.forward_flops(4) == patch_embed + qkv_and_proj + attention + ffn == 9248
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.zeros(1, 3, 4, 4))
@@ -175,10 +176,30 @@ def test_vit_flops_match_a_hand_count_and_torch_flop_counter() -> None:
     assert counted == {"aten.convolution": patch_embed, "aten.addmm": qkv_and_proj + ffn}
 
 
+def test_swiglu_registers_and_block_chunks_are_counted_from_the_layers() -> None:
+    # SwiGLU of width 32 shrinks to (int(32 * 2 / 3) + 7) // 8 * 8 = 24: w12 8 -> 48, w3 24 -> 8.
+    model = VisionTransformer(
+        img_size=4,
+        patch_size=2,
+        in_chans=3,
+        embed_dim=8,
+        depth=2,
+        num_heads=2,
+        ffn_layer="swiglu",
+        num_register_tokens=2,
+        block_chunks=2,
+    )
+    tokens = 4 + 1 + 2
+    block = 2 * tokens * (8 * 24 + 8 * 8) + 4 * tokens * tokens * 8 + 2 * tokens * (8 * 48 + 24 * 8)
+    assert model.forward_flops(4) == 2 * 4 * 12 * 8 + 2 * block
+
+
 def test_head_flops_hand_count() -> None:
     # 8 -> 16 -> 16 -> 4 bottleneck, then 4 -> 10 prototypes.
-    assert head_flops_per_token(8, 3, 16, 4, 10) == 2 * (8 * 16 + 16 * 16 + 16 * 4 + 4 * 10)
-    assert head_flops_per_token(8, 1, 16, 4, 10) == 2 * (8 * 4 + 4 * 10)
+    head = DINOHead(in_dim=8, out_dim=10, nlayers=3, hidden_dim=16, bottleneck_dim=4)
+    assert head.flops_per_token() == 2 * (8 * 16 + 16 * 16 + 16 * 4 + 4 * 10)
+    single = DINOHead(in_dim=8, out_dim=10, nlayers=1, hidden_dim=16, bottleneck_dim=4)
+    assert single.flops_per_token() == 2 * (8 * 4 + 4 * 10)
 
 
 def test_step_cost_counts_student_three_times_and_teacher_on_global_crops() -> None:
@@ -195,7 +216,7 @@ def test_step_cost_counts_student_three_times_and_teacher_on_global_crops() -> N
     head = 2 * (32 * 32 + 1 * 32 * 32 + 32 * 16 + 16 * 64)  # 3 layers, hidden 32, bottleneck 16
     student = 8 * vit(16) + 8 * vit(4) + 16 * head
     teacher = 8 * vit(16) + 8 * head
-    cost = estimate_step_cost(cfg)
+    cost = _model_cost(cfg)
     assert cost.flops == 3 * student + teacher
     assert cost.tokens == 8 * 16 + 8 * 4
 
@@ -211,7 +232,7 @@ def test_a_local_run_listens_on_loopback_and_moves_off_a_taken_default_port() ->
             holder.listen()
         except OSError:
             pass  # someone else holds it already: the situation under test
-        metrics = start_metrics(cfg, alone, preset="quickstart")
+        metrics = start_metrics(cfg, alone, "quickstart", NO_COST)
         try:
             assert metrics.url.startswith("http://127.0.0.1:")
             assert metrics.port != DEFAULT_METRICS_PORT

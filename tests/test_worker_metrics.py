@@ -19,7 +19,7 @@ from rsdino.data.worker_stats import (
     merge_worker_findings,
 )
 from rsdino.train.dist import DistContext
-from rsdino.train.metrics import start_metrics
+from rsdino.train.metrics import StepCost, start_metrics
 from rsdino.train.runtime import resolve_device
 
 
@@ -34,7 +34,7 @@ def test_worker_counts_are_summed_into_the_exporter(tmp_path: Path) -> None:
 
     port = free_port()
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=resolve_device("cpu"))
-    metrics = start_metrics(enabled_config(port), ctx, preset="test")
+    metrics = start_metrics(enabled_config(port), ctx, "test", StepCost(flops=0.0, tokens=0))
     metrics.watch_data(loader.dataset)
     try:
         workers = set()

@@ -77,6 +77,10 @@ class RemoteSensingEncoder(nn.Module):
         """
         return weight_decay_exempt(self)
 
+    def forward_flops(self, image_size: int) -> float:
+        """Matmul FLOPs of one image through every backbone; the fusion layers are left out."""
+        return sum(backbone.forward_flops(image_size) for backbone in self.backbones.values())
+
     @property
     def is_multimodal(self) -> bool:
         return len(self.modalities) > 1

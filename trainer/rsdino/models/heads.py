@@ -95,6 +95,11 @@ class DINOHead(nn.Module):
         """
         return weight_decay_exempt(self)
 
+    def flops_per_token(self) -> float:
+        """Matmul FLOPs of one token: the MLP to the bottleneck, then the prototypes."""
+        layers = [m for m in self.modules() if isinstance(m, nn.Linear | WeightNormLinear)]
+        return sum(2.0 * layer.in_features * layer.out_features for layer in layers)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
         # 1e-12 underflows to zero in float16; bfloat16 gets the same floor for its coarse mantissa.

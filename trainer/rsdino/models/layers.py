@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def linear_flops(layer: nn.Linear, tokens: float = 1) -> float:
+    """Matmul FLOPs (2 per multiply-add) of ``tokens`` rows through a linear layer."""
+    return 2.0 * tokens * layer.in_features * layer.out_features
+
+
 class PatchEmbed(nn.Module):
     """Cut the image into non-overlapping patches and project each one to a token."""
 
@@ -27,6 +32,12 @@ class PatchEmbed(nn.Module):
                 f"Input size {height}x{width} is not divisible by the patch size {self.patch_size}"
             )
         return self.proj(x).flatten(2).transpose(1, 2)
+
+    def flops(self, n_patches: int) -> float:
+        """Matmul FLOPs of embedding ``n_patches`` patches: a dot product per patch and channel."""
+        conv = self.proj
+        per_patch = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        return 2.0 * n_patches * per_patch * conv.out_channels
 
 
 class Attention(nn.Module):
@@ -50,6 +61,12 @@ class Attention(nn.Module):
         attended = F.scaled_dot_product_attention(query, key, value)
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
 
+    def flops(self, tokens: int) -> float:
+        """Matmul FLOPs for a ``tokens``-long sequence: projections, then QK^T and AV."""
+        dim = self.proj.in_features
+        products = 2.0 * 2 * tokens * tokens * dim
+        return linear_flops(self.qkv, tokens) + linear_flops(self.proj, tokens) + products
+
 
 class Mlp(nn.Module):
     """The classic transformer feed-forward network: Linear, GELU, Linear."""
@@ -62,6 +79,9 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+    def flops_per_token(self) -> float:
+        return linear_flops(self.fc1) + linear_flops(self.fc2)
 
 
 def swiglu_hidden_features(hidden_features: int) -> int:
@@ -87,6 +107,9 @@ class SwiGLUFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(gate) * value)
+
+    def flops_per_token(self) -> float:
+        return linear_flops(self.w12) + linear_flops(self.w3)
 
 
 class LayerScale(nn.Module):
@@ -184,6 +207,10 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+    def flops(self, tokens: int) -> float:
+        """Matmul FLOPs of one sequence; norms, LayerScale and activations are noise beside them."""
+        return self.attn.flops(tokens) + tokens * self.mlp.flops_per_token()
 
 
 class BlockChunk(nn.ModuleList):

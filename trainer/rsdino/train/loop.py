@@ -50,7 +50,12 @@ from rsdino.train.curves import CurveWriters
 from rsdino.train.dist import DistContext, barrier, init_distributed, shutdown_distributed
 from rsdino.train.divergence import DivergenceGuard
 from rsdino.train.fsdp import reshard_teacher, shard_model
-from rsdino.train.metrics import DisabledMetrics, TrainingMetrics, start_metrics
+from rsdino.train.metrics import (
+    DisabledMetrics,
+    TrainingMetrics,
+    estimate_step_cost,
+    start_metrics,
+)
 from rsdino.train.output_dir import output_paths, prepare_output_dir
 from rsdino.train.periodic_eval import PeriodicKnn
 from rsdino.train.preemption import StopSignal, TrainingInterrupted, ignore_stop_signals
@@ -566,7 +571,9 @@ class Trainer:
             batches = iter(loader)
             if self.ctx.is_main:
                 log.info("data: %s", describe_data(cfg, loader.dataset))
-            metrics = start_metrics(cfg, self.ctx, preset=self.preset)
+            metrics = start_metrics(
+                cfg, self.ctx, self.preset, estimate_step_cost(cfg, self.model.student)
+            )
             curves = CurveWriters(cfg, self.paths.root, enabled=self.ctx.is_main)
             metrics.set_resumed_from(self.start_step)
             metrics.watch_data(loader.dataset)

@@ -27,14 +27,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from torch import nn
 
 from rsdino import __version__
 from rsdino.data.build import cloudy_left_out
 from rsdino.data.sources.decode import DataError
 from rsdino.data.worker_stats import data_error_counts, storage_snapshot
 from rsdino.errors import RsdinoError
-from rsdino.models.layers import swiglu_hidden_features
-from rsdino.models.vit import ARCH_SPECS
 from rsdino.train.dist import DistContext
 
 log = logging.getLogger("rsdino")
@@ -46,7 +45,6 @@ DATA_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 CHECKPOINT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 # Every kind a source can count, exported at 0 from the start so rate() sees the first error.
 DATA_ERROR_KINDS = (DataError.kind, *(cls.kind for cls in DataError.__subclasses__()), "nan_filled")
-MLP_RATIO = 4.0  # the ViTs are built with DINOv2's default FFN width
 
 
 # --- Analytical cost of one training step ---------------------------------------------------
@@ -60,123 +58,38 @@ class StepCost:
     tokens: int
 
 
-def _ffn_flops_per_token(dim: int, ffn_layer: str) -> float:
-    hidden = int(dim * MLP_RATIO)
-    if ffn_layer == "mlp":
-        return 2.0 * 2 * dim * hidden
-    return 2.0 * 3 * dim * swiglu_hidden_features(hidden)
-
-
-def vit_forward_flops(
-    *,
-    n_patches: int,
-    extra_tokens: int,
-    dim: int,
-    depth: int,
-    patch_size: int,
-    in_chans: int,
-    ffn_layer: str = "mlp",
-) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one image through a ViT; norms and softmax are noise.
-
-    Patch embedding, then per block: qkv and output projections, the two attention products
-    (QK^T and AV, each tokens^2 x dim) and the feed-forward network.
-    """
-    tokens = n_patches + extra_tokens
-    patch_embed = 2.0 * n_patches * in_chans * patch_size**2 * dim
-    projections = 2.0 * tokens * 4 * dim * dim
-    attention = 2.0 * 2 * tokens * tokens * dim
-    ffn = tokens * _ffn_flops_per_token(dim, ffn_layer)
-    return patch_embed + depth * (projections + attention + ffn)
-
-
-def head_flops_per_token(
-    in_dim: int, nlayers: int, hidden_dim: int, bottleneck_dim: int, n_prototypes: int
-) -> float:
-    """Matmul FLOPs of one token through a DINO head: the MLP to the bottleneck, then prototypes."""
-    if nlayers == 1:
-        mlp = in_dim * bottleneck_dim
-    else:
-        mlp = in_dim * hidden_dim + (nlayers - 2) * hidden_dim**2 + hidden_dim * bottleneck_dim
-    return 2.0 * (mlp + bottleneck_dim * n_prototypes)
-
-
-@dataclass(frozen=True)
-class _EncoderShape:
-    dim: int
-    depth: int
-    in_chans: int
-
-
-def _encoder_shapes(cfg: DictConfig) -> list[_EncoderShape]:
-    """One ViT, or one per modality in a multimodal run, as ``build_backbone`` makes them."""
-    s = cfg.student
-    if cfg.train.multimodal:
-        archs = [(s.arch_s1, s.in_chans_s1), (s.arch_s2, s.in_chans_s2)]
-    else:
-        archs = [(s.arch, s.in_chans)]
-    shapes = []
-    for arch, in_chans in archs:
-        spec_dim, spec_depth, _ = ARCH_SPECS[arch]
-        dim = spec_dim if s.embed_dim is None else s.embed_dim
-        depth = spec_depth if s.depth is None else s.depth
-        shapes.append(_EncoderShape(dim, depth, in_chans))
-    return shapes
-
-
-def _head_flops(head_cfg: DictConfig, in_dim: int) -> float:
-    return head_flops_per_token(
-        in_dim,
-        head_cfg.head_nlayers,
-        head_cfg.head_hidden_dim,
-        head_cfg.head_bottleneck_dim,
-        head_cfg.head_n_prototypes,
-    )
-
-
-def estimate_step_cost(cfg: DictConfig) -> StepCost:
+def estimate_step_cost(cfg: DictConfig, student: nn.ModuleDict) -> StepCost:
     """FLOPs of one rank's step: student forward + backward (3x forward) and teacher forward.
 
     The student sees the global and local crops, the teacher the global crops; both DINO heads
     see every [CLS] token they produce and, with iBOT on, the iBOT head sees the expected number
-    of masked patches. Multimodal runs count each modality's ViT; the fusion layers are left out.
+    of masked patches. The encoder and heads report their own FLOPs (``forward_flops``,
+    ``flops_per_token``): multimodal runs count each modality's ViT, the fusion layers are left
+    out. The teacher has the student's shapes.
     """
-    batch, patch = cfg.train.batch_size_per_gpu, cfg.student.patch_size
-    global_patches = (cfg.crops.global_crops_size // patch) ** 2
-    local_patches = (cfg.crops.local_crops_size // patch) ** 2
+    encoder = student["encoder"]
+    batch, patch = cfg.train.batch_size_per_gpu, encoder.patch_size
+    global_size, local_size = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    global_patches = (global_size // patch) ** 2
+    local_patches = (local_size // patch) ** 2
     n_global, n_local = 2 * batch, cfg.crops.local_crops_number * batch
-    shapes = _encoder_shapes(cfg)
-
-    def encoders(n_patches: int) -> float:
-        return sum(
-            vit_forward_flops(
-                n_patches=n_patches,
-                extra_tokens=1 + cfg.student.num_register_tokens,
-                dim=shape.dim,
-                depth=shape.depth,
-                patch_size=patch,
-                in_chans=shape.in_chans,
-                ffn_layer=cfg.student.ffn_layer,
-            )
-            for shape in shapes
-        )
-
-    head_dim = shapes[-1].dim
-    dino_token = _head_flops(cfg.dino, head_dim)
-    ibot_token = _head_flops(cfg.ibot if cfg.ibot.separate_head else cfg.dino, head_dim)
+    dino_token = student["dino_head"].flops_per_token()
+    ibot_head = student["ibot_head"] if "ibot_head" in student else student["dino_head"]
+    ibot_token = ibot_head.flops_per_token()
     masked = 0.0
     if cfg.ibot.loss_weight > 0:
         low, high = cfg.ibot.mask_ratio_min_max
         masked = n_global * global_patches * cfg.ibot.mask_sample_probability * (low + high) / 2
-    teacher = n_global * (encoders(global_patches) + dino_token) + masked * ibot_token
-    student = (
-        n_global * encoders(global_patches)
-        + n_local * encoders(local_patches)
+    global_encoder = encoder.forward_flops(global_size)
+    teacher = n_global * (global_encoder + dino_token) + masked * ibot_token
+    student_flops = (
+        n_global * global_encoder
+        + n_local * encoder.forward_flops(local_size)
         + (n_global + n_local) * dino_token
         + masked * ibot_token
     )
-    tokens = len(shapes) * (n_global * global_patches + n_local * local_patches)
-    return StepCost(flops=3 * student + teacher, tokens=tokens)
+    tokens = len(encoder.backbones) * (n_global * global_patches + n_local * local_patches)
+    return StepCost(flops=3 * student_flops + teacher, tokens=tokens)
 
 
 # --- The exporter ---------------------------------------------------------------------------
@@ -531,12 +444,15 @@ def metrics_address(settings: DictConfig, ctx: DistContext) -> tuple[str, range]
 
 
 def start_metrics(
-    cfg: DictConfig, ctx: DistContext, preset: str
+    cfg: DictConfig, ctx: DistContext, preset: str, cost: StepCost
 ) -> TrainingMetrics | DisabledMetrics:
-    """Serve this rank's metrics as ``cfg.metrics`` says; rank 0 logs where they are served."""
+    """Serve this rank's metrics as ``cfg.metrics`` says; rank 0 logs where they are served.
+
+    ``cost`` is the step's work as the model reports it (:func:`estimate_step_cost`).
+    """
     if not cfg.metrics.enabled:
         return DisabledMetrics()
-    metrics = TrainingMetrics(cfg.metrics, ctx, estimate_step_cost(cfg), preset)
+    metrics = TrainingMetrics(cfg.metrics, ctx, cost, preset)
     if ctx.is_main:
         log.info("metrics served at %s (rank %d)", metrics.url, ctx.rank)
     return metrics
