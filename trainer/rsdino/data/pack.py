@@ -11,9 +11,8 @@ recorded sha256 is kept as it is, and the next shard starts where its range ends
 from __future__ import annotations
 
 import contextlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
+from rsdino.data.read_ahead import ordered_map
 from rsdino.data.shards import (
     CODECS,
     FORMAT_NAME,
@@ -168,23 +168,9 @@ def _read_ahead(
     source: Dataset, indices: list[int], codec: str, workers: int
 ) -> Iterator[Record | SkipSample]:
     """Encoded samples (or their SkipSample) in the order of ``indices``, read by a thread pool."""
-    pending: deque[Future[Record | SkipSample]] = deque()
-    remaining = iter(indices)
-    with ThreadPoolExecutor(workers, thread_name_prefix="rsdino-pack") as pool:
-        try:
-            for index in remaining:
-                pending.append(pool.submit(_encoded_or_skipped, source, index, codec))
-                if len(pending) >= 2 * workers:
-                    break
-            while pending:
-                result = pending.popleft().result()
-                next_index = next(remaining, None)
-                if next_index is not None:
-                    pending.append(pool.submit(_encoded_or_skipped, source, next_index, codec))
-                yield result
-        finally:
-            for future in pending:
-                future.cancel()
+    return ordered_map(
+        lambda index: _encoded_or_skipped(source, index, codec), indices, workers, "rsdino-pack"
+    )
 
 
 def _write_shard(

@@ -14,9 +14,7 @@ import random
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from rsdino.data.read_ahead import ordered_map
 from rsdino.errors import ExitCode, RsdinoError
 
 T = TypeVar("T")
@@ -157,23 +156,7 @@ def _read_in_order(
     read: Callable[[str], bytes], keys: list[str], max_workers: int
 ) -> Iterator[tuple[str, bytes]]:
     """Read ahead in parallel, a bounded window at a time, yielding in the order of ``keys``."""
-    window = 2 * max_workers
-    pending: deque[tuple[str, Future[bytes]]] = deque()
-    remaining = iter(keys)
-    pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rsdino-read")
-    try:
-        for key in remaining:
-            pending.append((key, pool.submit(read, key)))
-            if len(pending) >= window:
-                break
-        while pending:
-            key, future = pending.popleft()
-            next_key = next(remaining, None)
-            if next_key is not None:
-                pending.append((next_key, pool.submit(read, next_key)))
-            yield key, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return ordered_map(lambda key: (key, read(key)), keys, max_workers, "rsdino-read")
 
 
 class _StoreBase:
