@@ -141,3 +141,24 @@ def write_sen12ms_tree(root: Path, size: int = 32) -> dict[str, bytes]:
             write_geotiff(root / key, array)
             files[key] = (root / key).read_bytes()
     return files
+
+
+SERIES_DATES = ("2018-01-05", "2018-02-10", "2018-04-01", "2018-06-15", "2018-09-01", "2018-12-20")
+
+
+def write_sen12ms_time_series(
+    root: Path, dates: tuple[str, ...] = SERIES_DATES, patches: int = 2, size: int = 32
+) -> dict[str, bytes]:
+    """Every patch of one training ROI at each date (time index = position in ``dates``), in the
+    SEN12MS-CR-TS tree layout; S2 band 0 holds the time index, so a test can tell dates apart."""
+    rng = np.random.default_rng(1)
+    files = {}
+    for patch in range(patches):
+        for time, date in enumerate(dates):
+            s1_key, s2_key = sen12ms_keys(TRAIN_ROI, time, patch, date, date)
+            s2 = random_s2(rng, size)
+            s2[0] = time
+            for key, array in ((s1_key, random_s1(rng, size)), (s2_key, s2)):
+                write_geotiff(root / key, array)
+                files[key] = (root / key).read_bytes()
+    return files

@@ -62,6 +62,19 @@ class SyntheticConfig:
 
 
 @dataclass
+class SeasonalViewsConfig:
+    enabled: bool = MISSING
+    min_days_apart: int = MISSING
+    max_days_apart: int = MISSING
+    locals: str = MISSING
+
+
+@dataclass
+class ViewsConfig:
+    seasonal: SeasonalViewsConfig = field(default_factory=SeasonalViewsConfig)
+
+
+@dataclass
 class CloudsConfig:
     scores: str = MISSING
     max_fraction: float = MISSING
@@ -75,6 +88,7 @@ class TrainConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     clouds: CloudsConfig = field(default_factory=CloudsConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
     multimodal: bool = MISSING
     modality_dropout: float = MISSING
     batch_size_per_gpu: int = MISSING

@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 REDUCE_PRECISIONS = ("fp32", "bf16")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 EVAL_DATASETS = ("synthetic", "eurosat")
+SEASONAL_LOCALS = ("same", "any")
 
 
 TENSORBOARD_MODES = ("auto", "true", "false")
@@ -136,6 +137,25 @@ def _validate_clouds(problems: list[str], cfg: DictConfig) -> None:
         clouds.policy == "drop",
         f"train.clouds.policy={clouds.policy!r} is not supported yet; only drop is built",
     )
+
+
+def _validate_seasonal_views(problems: list[str], cfg: DictConfig) -> None:
+    seasonal = cfg.train.views.seasonal
+    if not seasonal.enabled:
+        return
+    _check(
+        problems,
+        cfg.train.dataset.source == "sen12ms",
+        "train.views.seasonal needs dated time series of each patch: train.dataset.source="
+        f"sen12ms (not {cfg.train.dataset.source!r}; shards and single-date sources keep none)",
+    )
+    _check(
+        problems,
+        0 <= seasonal.min_days_apart <= seasonal.max_days_apart,
+        f"train.views.seasonal: need 0 <= min_days_apart ({seasonal.min_days_apart}) <= "
+        f"max_days_apart ({seasonal.max_days_apart})",
+    )
+    _choice(problems, "train.views.seasonal.locals", seasonal.locals, SEASONAL_LOCALS)
 
 
 def _validate_dataset(problems: list[str], cfg: DictConfig) -> None:
@@ -278,6 +298,15 @@ MODE_KEYS: tuple[tuple[str, Callable[[DictConfig], bool], tuple[str, ...]], ...]
         ("train.dataset.layout",),
     ),
     (
+        "train.views.seasonal.enabled=true",
+        lambda cfg: cfg.train.views.seasonal.enabled,
+        (
+            "train.views.seasonal.min_days_apart",
+            "train.views.seasonal.max_days_apart",
+            "train.views.seasonal.locals",
+        ),
+    ),
+    (
         "train.clouds.max_fraction < 1",
         lambda cfg: cfg.train.clouds.max_fraction < 1,
         ("train.clouds.scores", "train.clouds.policy"),
@@ -323,6 +352,7 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _validate_bands(problems, cfg)
     _validate_evaluation(problems, cfg)
     _validate_clouds(problems, cfg)
+    _validate_seasonal_views(problems, cfg)
     _validate_applicable(problems, cfg)
     _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
     s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"

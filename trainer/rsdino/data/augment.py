@@ -136,6 +136,14 @@ def _check_images(images: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     return next(iter(shapes.values()))
 
 
+def _either(
+    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], chosen: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per sample, every modality of the second date where ``chosen``, else of the first."""
+    pick = chosen.to(next(iter(first.values())).device)[:, None, None, None]
+    return {name: torch.where(pick, second[name], first[name]) for name in first}
+
+
 class MultiCropAugment:
     """DINOv2 multi-crop (2 global + n local views) for a batch of co-registered modalities.
 
@@ -210,38 +218,59 @@ class MultiCropAugment:
         images: dict[str, torch.Tensor],
         generator: torch.Generator,
         rows: tuple[int, int] | None = None,
+        second: dict[str, torch.Tensor] | None = None,
+        locals_from_either: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Views of the batch; ``rows=(start, total)``: it is rows start.. of a larger batch.
 
         With ``rows``, every random draw is made for all ``total`` rows and the batch takes its
         slice: the crops of a sample then do not depend on how a global batch is split across
         processes (one process with 2B samples draws what two processes with B samples each do).
+
+        ``second`` (seasonal views) holds another date of each sample: the second global crop is
+        cut from it, and with ``locals_from_either`` each local crop of a sample from either
+        date (drawn; ``"local_from_second"`` says which). Without it the draws are today's.
         """
         batch = _check_images(images)[0]
         rows = rows or (0, batch)
         if not 0 <= rows[0] <= rows[0] + batch <= rows[1]:
             raise ValueError(f"rows {rows} do not hold a batch of {batch}")
+        if second is not None and (
+            second.keys() != images.keys() or _check_images(second) != _check_images(images)
+        ):
+            raise ValueError("the second date must have the first date's shapes")
+        sources = [images, images if second is None else second]
         global_views = [
             self._view(
-                images, self.global_crops_size, self.global_crops_scale, prob, generator, rows
+                source, self.global_crops_size, self.global_crops_scale, prob, generator, rows
             )
-            for prob in self.blur_prob_global
+            for source, prob in zip(sources, self.blur_prob_global, strict=True)
         ]
-        local_views = [
-            self._view(
-                images,
-                self.local_crops_size,
-                self.local_crops_scale,
-                self.blur_prob_local,
-                generator,
-                rows,
+        local_views, from_second = [], []
+        for _ in range(self.local_crops_number):
+            source = images
+            if second is not None and locals_from_either:
+                start, total = rows
+                chosen = (torch.rand(total, generator=generator) < 0.5)[start : start + batch]
+                source = _either(images, second, chosen)
+                from_second.append(chosen)
+            local_views.append(
+                self._view(
+                    source,
+                    self.local_crops_size,
+                    self.local_crops_scale,
+                    self.blur_prob_local,
+                    generator,
+                    rows,
+                )
             )
-            for _ in range(self.local_crops_number)
-        ]
-        return {
+        views = {
             "global_crops": self._stack_views(images, global_views, self.global_crops_size),
             "local_crops": self._stack_views(images, local_views, self.local_crops_size),
         }
+        if from_second:
+            views["local_from_second"] = torch.cat(from_second)
+        return views
 
     @staticmethod
     def _stack_views(

@@ -17,6 +17,7 @@ from rsdino.data.sources import (
     SkipBadSamples,
     store_access,
 )
+from rsdino.data.sources.sen12ms import SeasonalViews
 from rsdino.data.storage import Store, open_store
 from rsdino.data.synthetic import SyntheticLandCover
 from rsdino.errors import ExitCode, RsdinoError
@@ -121,6 +122,11 @@ def build_dataset(cfg: DictConfig) -> Dataset:
     source = open_source(spec)
     if cfg.train.clouds.max_fraction < 1:
         drop_cloudy(source, spec, cfg.train.clouds)
+    seasonal = cfg.train.views.seasonal
+    if seasonal.enabled:
+        source.enable_seasonal_views(
+            SeasonalViews(seasonal.min_days_apart, seasonal.max_days_apart, cfg.train.seed)
+        )
     return SkipBadSamples(source)
 
 

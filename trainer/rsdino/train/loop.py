@@ -197,7 +197,15 @@ def describe_data(cfg: DictConfig, dataset: object) -> str:
         if cfg.train.clouds.max_fraction < 1
         else ""
     )
-    return f"{where}{split}: {count} samples{clouds}"
+    seasonal = cfg.train.views.seasonal
+    views = ""
+    if seasonal.enabled:
+        paired = getattr(dataset, "source", dataset).samples_with_second_date
+        views = (
+            f"; seasonal views: {paired} of {count} samples have a second date "
+            f"{seasonal.min_days_apart}-{seasonal.max_days_apart} days away"
+        )
+    return f"{where}{split}: {count} samples{clouds}{views}"
 
 
 def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) -> ShardStream:
@@ -408,8 +416,21 @@ class Trainer:
         # Random draws are made for the whole global batch and sliced, so each sample gets the
         # same crops, masks and dropped modalities whatever the number of ranks.
         ctx, batch_size = self.ctx, self.batch_size
+        seasonal = "s2_b" in batch  # train.views.seasonal: a second date of every sample
+        second = (
+            {
+                name: normalizer(batch[f"{name}_b"].to(device, non_blocking=True))
+                for name, normalizer in self.normalizers.items()
+            }
+            if seasonal
+            else None
+        )
         crops = self.augment(
-            images, generator, rows=(ctx.rank * batch_size, self.global_batch_size)
+            images,
+            generator,
+            rows=(ctx.rank * batch_size, self.global_batch_size),
+            second=second,
+            locals_from_either=cfg.train.views.seasonal.locals == "any",
         )
         n_local = cfg.crops.local_crops_number
         global_rows = rank_rows(N_GLOBAL_CROPS, batch_size, ctx.world_size, ctx.rank)
@@ -417,7 +438,16 @@ class Trainer:
         masks = sample_masks(cfg, N_GLOBAL_CROPS * self.global_batch_size, generator, global_rows)
         if masks is not None:
             masks = masks.to(device)
-        doy = batch["doy"].to(device, non_blocking=True) if self.uses_time else None
+        global_doy = local_doy = None
+        if self.uses_time:
+            doy = batch["doy"].to(device, non_blocking=True)
+            doy_b = batch["doy_b"].to(device, non_blocking=True) if seasonal else doy
+            global_doy = torch.cat([doy, doy_b])  # crop-major: the second crop is the 2nd date
+            if n_local:
+                local_doy = doy.repeat(n_local)
+                if "local_from_second" in crops:
+                    chosen = crops["local_from_second"].to(device)
+                    local_doy = torch.where(chosen, doy_b.repeat(n_local), local_doy)
 
         def presence(n_views: int, rows: Tensor) -> dict[str, Tensor] | None:
             present = sample_modality_presence(
@@ -434,8 +464,8 @@ class Trainer:
             global_crops=crops["global_crops"],
             local_crops=crops["local_crops"] if n_local else None,
             masks=masks,
-            global_doy=None if doy is None else doy.repeat(N_GLOBAL_CROPS),
-            local_doy=None if doy is None or not n_local else doy.repeat(n_local),
+            global_doy=global_doy,
+            local_doy=local_doy,
             global_present=presence(N_GLOBAL_CROPS, global_rows),
             local_present=presence(n_local, local_rows) if n_local else None,
         )
@@ -516,6 +546,14 @@ class Trainer:
             reporter.report_eval(result.record(), result.seconds)
             metrics.observe_eval(step, result.accuracy)
 
+    def _view_stats(self, batch: dict) -> dict[str, Tensor]:
+        """Seasonal views: this step's share of two-date samples and their mean days apart
+        (summed like the losses, so the interval figures are means over steps and ranks)."""
+        if "days_apart" not in batch:
+            return {}
+        days = batch["days_apart"].to(self.device).float()
+        return {"seasonal_pairs": (days > 0).float().mean(), "seasonal_days": days.mean()}
+
     def _scalars(self, step: int) -> dict[str, float]:
         s = self.schedules
         return {
@@ -586,7 +624,8 @@ class Trainer:
                     worker_id, stats = batch.pop(WORKER_STATS_KEY)
                     merge_worker_findings(loader.dataset, stats["findings"])
                     metrics.observe_worker_stats(worker_id, stats)
-                for name, value in self.train_step(batch, step).items():
+                step_values = {**self.train_step(batch, step), **self._view_stats(batch)}
+                for name, value in step_values.items():
                     running[name] = running.get(name, 0.0) + value
                 self.samples_seen += self.global_batch_size
                 done = step + 1
@@ -599,8 +638,11 @@ class Trainer:
                     # The loop's only host syncs: interval means over the ranks, and below
                     # whether any rank got SIGTERM (two small all-reduces per interval).
                     losses = mean_over_ranks(running, done - window_start)
+                    views = seasonal_summary(losses)  # takes its entries out of the losses
                     scalars = self._scalars(step)
                     metrics.observe_interval(losses, scalars)
+                    if views:
+                        metrics.observe_views(views)
                     self.divergence.observe(done, losses["total"])
                     if not all(math.isfinite(value) for value in losses.values()):
                         # A save still in flight may hold the last good weights: commit it first.
@@ -608,7 +650,7 @@ class Trainer:
                     _check_finite(losses, window_start + 1, done, self._good_checkpoint())
                     window_start, running = done, {}
                     if self.ctx.is_main:
-                        record = reporter.report(done, losses, scalars)
+                        record = reporter.report(done, losses, scalars, views)
                         result.history.append(record)
                         curves.log(
                             done, {**losses, **scalars, "samples_per_s": record["samples_per_s"]}
@@ -637,6 +679,15 @@ class Trainer:
             curves.close()
         result.last_checkpoint = self.last_checkpoint
         return result
+
+
+def seasonal_summary(means: dict[str, float]) -> dict[str, float]:
+    """Move the seasonal-view statistics out of the interval means: the fraction of samples
+    whose two global crops came from two dates, and the mean days between those dates."""
+    if "seasonal_pairs" not in means:
+        return {}
+    pairs, days = means.pop("seasonal_pairs"), means.pop("seasonal_days")
+    return {"seasonal_pairs": pairs, "seasonal_days_apart": days / pairs if pairs else 0.0}
 
 
 def mean_over_ranks(running: dict[str, Tensor], n_steps: int) -> dict[str, float]:

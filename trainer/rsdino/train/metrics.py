@@ -237,6 +237,16 @@ class TrainingMetrics:
             "rsdino_data_cloudy_left_out",
             "Acquisitions train.clouds left out of the dataset at start (cloud fraction too high)",
         )
+        self.seasonal_pairs = family(
+            Gauge,
+            "rsdino_seasonal_pair_fraction",
+            "Share of samples whose global crops came from two dates (train.views.seasonal)",
+        )
+        self.seasonal_days = family(
+            Gauge,
+            "rsdino_seasonal_days_apart",
+            "Mean days between the two dates of the seasonal samples of the last interval",
+        )
         self.storage_requests = family(
             Counter,
             "rsdino_storage_requests_total",
@@ -372,6 +382,11 @@ class TrainingMetrics:
         self.checkpoint_step.labels(**base).set(step)
         self.checkpoint_time.labels(**base).set(time.time())
 
+    def observe_views(self, views: Mapping[str, float]) -> None:
+        """Interval means of the seasonal-view statistics (over steps and ranks)."""
+        self.seasonal_pairs.labels(**self.base).set(views["seasonal_pairs"])
+        self.seasonal_days.labels(**self.base).set(views["seasonal_days_apart"])
+
     def observe_eval(self, step: int, knn_accuracy: Mapping[int, float]) -> None:
         """A periodic evaluation finished (rank 0 only: it holds the gathered result)."""
         for k, value in knn_accuracy.items():
@@ -396,6 +411,9 @@ class DisabledMetrics:
         pass
 
     def observe_eval(self, step: int, knn_accuracy: Mapping[int, float]) -> None:
+        pass
+
+    def observe_views(self, views: Mapping[str, float]) -> None:
         pass
 
     def observe_worker_stats(self, worker_id: int, counts: Mapping[str, Any]) -> None:

@@ -47,8 +47,14 @@ class ProgressReporter:
             partial.write_text("".join(kept))
             partial.replace(self.log_path)
 
-    def report(self, step: int, losses: dict[str, float], scalars: dict[str, float]) -> dict:
-        """``step`` is the number of completed steps."""
+    def report(
+        self,
+        step: int,
+        losses: dict[str, float],
+        scalars: dict[str, float],
+        views: dict[str, float] | None = None,
+    ) -> dict:
+        """``step`` is the number of completed steps; ``views``: seasonal-view statistics."""
         now = time.perf_counter()
         done = step - (self._last_step if self._last_step is not None else step)
         elapsed = now - self._last_time
@@ -58,19 +64,27 @@ class ProgressReporter:
         self._last_time, self._last_step = now, step
 
         loss_text = " ".join(f"{name} {value:.4f}" for name, value in losses.items())
+        views = views or {}
+        view_text = (
+            f" | seasonal {views['seasonal_pairs']:.2f} ({views['seasonal_days_apart']:.0f} days)"
+            if views
+            else ""
+        )
         log.info(
-            "step %d/%d | %s | lr %.3g | %.1f samples/s | ETA %s",
+            "step %d/%d | %s | lr %.3g | %.1f samples/s%s | ETA %s",
             step,
             self.total_steps,
             loss_text,
             scalars["lr"],
             samples_per_s,
+            view_text,
             format_duration(eta),
         )
         record = {
             "step": step,
             **losses,
             **scalars,
+            **views,
             "samples_per_s": samples_per_s,
             "time": time.time(),  # wall clock, to line the log up with other events
         }

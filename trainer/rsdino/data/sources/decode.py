@@ -260,13 +260,19 @@ _ISO_DATE = re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)")
 _COMPACT_DATE = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)")
 
 
-def day_of_year_in_name(name: str) -> int:
-    """Day of year (1..366) of the first valid YYYY-MM-DD or YYYYMMDD date in `name`, else 0."""
+def date_in_name(name: str) -> datetime.date | None:
+    """The first valid YYYY-MM-DD or YYYYMMDD date in `name`, else None."""
     for pattern in (_ISO_DATE, _COMPACT_DATE):
         for match in pattern.finditer(name):
             year, month, day = (int(part) for part in match.groups())
             try:
-                return datetime.date(year, month, day).timetuple().tm_yday
+                return datetime.date(year, month, day)
             except ValueError:
                 continue
-    return 0
+    return None
+
+
+def day_of_year_in_name(name: str) -> int:
+    """Day of year (1..366) of the first valid date in `name` (see `date_in_name`), else 0."""
+    date = date_in_name(name)
+    return 0 if date is None else date.timetuple().tm_yday

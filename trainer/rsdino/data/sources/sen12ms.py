@@ -21,6 +21,7 @@ already in dB (float32): SEN12MS-CR-TS ships it in dB, so no log transform is ap
 
 from __future__ import annotations
 
+import datetime
 import json
 import posixpath
 import re
@@ -39,7 +40,7 @@ from rsdino.data.sources.decode import (
     ReadBytes,
     check_band_count,
     check_same_size,
-    day_of_year_in_name,
+    date_in_name,
     decode_geotiff,
     prepare_sar,
     to_reflectance_uint16,
@@ -83,6 +84,18 @@ class _Pair:
     s2: str
     s1: str | None
     doy: int
+    date: datetime.date | None  # of the Sentinel-2 acquisition (Sentinel-1's if S2 has none)
+    patch: tuple[str, str, int] | None  # (ROI, tile, patch) of tree names: its time series
+
+
+@dataclass(frozen=True)
+class SeasonalViews:
+    """Second dates for the second global crop: another acquisition of the same patch, between
+    ``min_days_apart`` and ``max_days_apart`` days away, chosen from ``seed`` and the sample."""
+
+    min_days_apart: int
+    max_days_apart: int
+    seed: int
 
 
 def _roi_split(roi_and_tile: str) -> str:
@@ -93,12 +106,19 @@ def _roi_split(roi_and_tile: str) -> str:
     return "train"
 
 
-def _day_of_year(s2_key: str, s1_key: str | None) -> int:
-    """The Sentinel-2 acquisition date, or Sentinel-1's when the S2 name has none."""
-    doy = day_of_year_in_name(posixpath.basename(s2_key))
-    if doy == 0 and s1_key is not None:
-        doy = day_of_year_in_name(posixpath.basename(s1_key))
-    return doy
+def _pair(s2_key: str, s1_key: str | None) -> _Pair:
+    """A sample's files with its date (the Sentinel-2 one, or Sentinel-1's when the S2 name has
+    none) and, for names in the tree layout, the patch whose time series it belongs to."""
+    date = date_in_name(posixpath.basename(s2_key))
+    if date is None and s1_key is not None:
+        date = date_in_name(posixpath.basename(s1_key))
+    doy = 0 if date is None else date.timetuple().tm_yday
+    match = _TREE_FILE.match(s2_key)
+    patch = None
+    if match is not None:
+        suffix = _PATCH_SUFFIX.search(match["name"])
+        patch = (match["roi"], match["tile"], int(suffix[1]) if suffix else _NO_PATCH)
+    return _Pair(s2=s2_key, s1=s1_key, doy=doy, date=date, patch=patch)
 
 
 class Sen12MSSource(Dataset):
@@ -132,6 +152,8 @@ class Sen12MSSource(Dataset):
         self._read_bytes = read_bytes
         self.bad_data = BadDataPolicy(on_error)
         self.cloudy_left_out = 0  # acquisitions a cloud filter removed (data.build.drop_cloudy)
+        self.seasonal: SeasonalViews | None = None
+        self._partners: list[list[int]] = []
         if layout == "tree":
             self._pairs = self._index_tree(list_keys(""))
         else:
@@ -157,12 +179,74 @@ class Sen12MSSource(Dataset):
         self._pairs = kept
         return left_out
 
+    def enable_seasonal_views(self, views: SeasonalViews) -> None:
+        """Serve each sample with a second date of its patch (``*_b`` fields, ``days_apart``).
+
+        Call it after any filter (``keep_only``), so partners come from the kept acquisitions.
+        A sample without a date in the window gets itself as second date (``days_apart`` 0).
+        """
+        if views.min_days_apart < 0 or views.max_days_apart < views.min_days_apart:
+            raise ValueError(
+                f"need 0 <= min_days_apart <= max_days_apart, got {views.min_days_apart} and "
+                f"{views.max_days_apart}"
+            )
+        series: dict[tuple[str, str, int], list[int]] = {}
+        for index, pair in enumerate(self._pairs):
+            if pair.patch is not None and pair.date is not None:
+                series.setdefault(pair.patch, []).append(index)
+        self._partners = []
+        for pair in self._pairs:
+            candidates = series.get(pair.patch, []) if pair.date is not None else []
+            self._partners.append(
+                [
+                    other
+                    for other in candidates
+                    if views.min_days_apart
+                    <= abs((self._pairs[other].date - pair.date).days)
+                    <= views.max_days_apart
+                    and self._pairs[other] != pair
+                ]
+            )
+        self.seasonal = views
+
+    @property
+    def samples_with_second_date(self) -> int:
+        """How many samples have another date of their patch in the seasonal window."""
+        return sum(1 for candidates in self._partners if candidates)
+
+    def partner(self, index: int) -> int:
+        """The second date of sample ``index``: the same for every epoch, rank and worker."""
+        candidates = self._partners[index]
+        if not candidates:
+            return index
+        draw = np.random.default_rng([self.seasonal.seed, index]).integers(len(candidates))
+        return candidates[int(draw)]
+
     def __getitem__(self, index: int) -> dict:
         pair = self._pairs[index]
         try:
-            return self._read(pair)
+            sample = self._read(pair)
+            if self.seasonal is not None:
+                sample.update(self._second_date(index, sample))
+            return sample
         except DataError as error:
             self.bad_data.at_read(error)
+
+    def _second_date(self, index: int, first: dict) -> dict:
+        """The ``*_b`` fields of a seasonal sample: its partner's images and day of year."""
+        partner = self.partner(index)
+        if partner == index:
+            second = first
+        else:
+            second = self._read(self._pairs[partner])
+            check_same_size(second["s2"], first["s2"], second["key"], "dates of one patch differ")
+        fields = {f"{name}_b": second[name] for name in ("s1", "s2", "doy", "key") if name in first}
+        days = (
+            abs((self._pairs[partner].date - self._pairs[index].date).days)
+            if partner != index
+            else 0
+        )
+        return {**fields, "days_apart": days}
 
     def _index_tree(self, keys: list[str]) -> list[_Pair]:
         """Group tree files by (ROI, tile, time, patch) and pair the sensors of each group."""
@@ -217,7 +301,7 @@ class Sen12MSSource(Dataset):
                 )
                 continue
             s1 = s1_key if self.multimodal else None
-            pairs.append(_Pair(s2=s2_key, s1=s1, doy=_day_of_year(s2_key, s1)))
+            pairs.append(_pair(s2_key, s1))
         return pairs
 
     def _tree_pair(self, s1_key: str | None, s2_key: str | None) -> _Pair | None:
@@ -240,7 +324,7 @@ class Sen12MSSource(Dataset):
                 )
             )
             return None
-        return _Pair(s2=s2_key, s1=s1_key, doy=_day_of_year(s2_key, s1_key))
+        return _pair(s2_key, s1_key)
 
     def _read(self, pair: _Pair) -> dict:
         s2 = decode_geotiff(self._read_bytes(pair.s2), pair.s2)
