@@ -118,3 +118,24 @@ def test_metrics_overhead_reports_a_ratio() -> None:
     assert report["overhead_ratio"] == pytest.approx(
         report["overhead_per_step_us"] * 1e-6 / report["step_seconds"], rel=1e-3
     )
+
+
+def test_seasonal_signal_runs_both_pretrainings_with_the_same_steps(tmp_path: Path) -> None:
+    out = tmp_path / "seasonal"
+    command = [sys.executable, str(BENCHMARKS / "seasonal_signal.py"), "--output-dir", str(out)]
+    subprocess.run(
+        [*command, "--counts", "24,12,12", *TINY_OVERRIDES],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    report = json.loads((out / "seasonal_signal.json").read_text())
+    assert report["steps"] == {"single_date": 6, "seasonal": 6}
+    for name, pairs in (("single_date", None), ("seasonal", 1.0)):
+        records = [json.loads(line) for line in (out / name / "train_log.jsonl").open()]
+        assert {record.get("seasonal_pairs") for record in records} == {pairs}, name
+        knn = json.loads((out / name / "teacher.eval_knn.json").read_text())
+        assert report[name]["knn"] == {
+            mode: {k: round(m["accuracy"], 4) for k, m in per_k.items()}
+            for mode, per_k in knn["results"].items()
+        }

@@ -15,11 +15,12 @@ from source_fixtures import sen12ms_tree_arrays, write_sen12ms_tree
 
 from rsdino.cli import main
 from rsdino.config.loader import ConfigError, load_config
-from rsdino.data.build import DatasetError, build_dataset
+from rsdino.data.build import DatasetError, build_dataset, cloudy_marked
 from rsdino.data.cloud_scores import SCORES_KEY, scores_document
+from rsdino.data.collate import collate_samples
 from rsdino.errors import ExitCode
 from rsdino.train.dist import DistContext
-from rsdino.train.loop import train
+from rsdino.train.loop import Trainer, train
 from rsdino.train.metrics import StepCost, start_metrics
 
 pytest_plugins = ["s3_server"]
@@ -137,6 +138,13 @@ def test_scores_elsewhere_and_on_s3(tmp_path: Path, s3_env: str, bucket: str) ->
     assert build_dataset(cfg).source.keys == [_s2_keys()[0], _s2_keys()[5]]
 
 
+SEN12MS_CLOUDS = [
+    "train.dataset.source=sen12ms",
+    "train.dataset.uri=/d",
+    "train.clouds.max_fraction=0.5",
+]
+
+
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
@@ -144,13 +152,16 @@ def test_scores_elsewhere_and_on_s3(tmp_path: Path, s3_env: str, bucket: str) ->
         (["train.clouds.max_fraction=1.5"], r"train\.clouds\.max_fraction=1\.5 must be in"),
         (["train.clouds.scores=/x.json"], r"train\.clouds\.scores='/x\.json' applies only with"),
         (
-            [
-                "train.dataset.source=sen12ms",
-                "train.dataset.uri=/d",
-                "train.clouds.max_fraction=0.5",
-                "train.clouds.policy=sar_only",
-            ],
-            r"train\.clouds\.policy='sar_only' is not supported yet",
+            [*SEN12MS_CLOUDS, "train.clouds.policy=sar_only"],
+            r"policy=sar_only shows the student Sentinel-1 .* needs train\.multimodal=true",
+        ),
+        (
+            [*SEN12MS_CLOUDS, "train.clouds.policy=weight"],
+            r"train\.clouds\.policy='weight' \(down-weighting cloudy views\) is not supported yet",
+        ),
+        (
+            [*SEN12MS_CLOUDS, "train.clouds.policy=mask"],
+            r"train\.clouds\.policy='mask' is not one of drop, sar_only",
         ),
     ],
 )
@@ -169,3 +180,24 @@ def test_training_reads_the_file_rsdino_data_clouds_writes(tmp_path: Path) -> No
     kept = build_dataset(cfg).source.keys
     assert kept == [key for key in _s2_keys() if written[key]["cloud_fraction"] <= threshold]
     assert len(kept) >= 3
+
+
+def test_sar_only_keeps_cloudy_samples_and_shows_the_student_their_sar_alone(
+    scored_tree: Path, tmp_path: Path
+) -> None:
+    sar_only = ["train.clouds.max_fraction=0.3", "train.clouds.policy=sar_only"]
+    cfg = _config(
+        str(scored_tree), *sar_only, "train.modality_dropout=0", "train.batch_size_per_gpu=6"
+    )
+    dataset = build_dataset(cfg)
+    assert len(dataset) == 6 and cloudy_marked(dataset) == 3
+    trainer = Trainer(cfg, tmp_path / "run", resume=False)
+    batch = collate_samples([dataset[index] for index in range(6)])
+    cloudy = torch.tensor([f > 0.3 for f in FRACTIONS])
+    assert torch.equal(batch["cloudy"].bool(), cloudy)
+    views = trainer._views(batch, step=0)
+    n_local = cfg.crops.local_crops_number
+    for present, n_views in ((views.global_present, 2), (views.local_present, n_local)):
+        assert torch.equal(present["s2"], ~cloudy.repeat(n_views))
+        assert bool(present["s1"].all())
+    assert train(cfg, tmp_path / "trained").final_step == 6

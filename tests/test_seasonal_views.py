@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -79,6 +80,21 @@ def test_a_sample_without_a_date_in_the_window_keeps_one_date(series: Path) -> N
 def test_disabled_serves_single_dates_as_before(series: Path) -> None:
     sample = build_dataset(tiny_multimodal_config(*_sources(series)))[0]
     assert sorted(sample) == ["doy", "key", "label", "s1", "s2"]
+
+
+def test_synthetic_tiles_come_back_later_in_the_season(tmp_path: Path) -> None:
+    plain = build_dataset(tiny_multimodal_config())
+    seasonal = build_dataset(tiny_multimodal_config(*SEASONAL))
+    for index in range(8):
+        first, both = plain[index], seasonal[index]
+        for name in ("s1", "s2", "doy", "key", "label", "landcover"):  # the first date: today's
+            assert np.array_equal(first[name], both[name]), name
+        gap = both["days_apart"]
+        assert 30 <= gap <= 120 and both["doy_b"] == (both["doy"] - 1 + gap) % 365 + 1
+        assert both["s2_b"].shape == both["s2"].shape and not np.array_equal(
+            both["s2_b"], both["s2"]
+        )
+    assert train(tiny_multimodal_config(*SEASONAL), tmp_path / "run").final_step == 6
 
 
 def _images(batch: int, size: int, value: float) -> dict[str, torch.Tensor]:
@@ -193,7 +209,16 @@ def test_two_ranks_match_one_rank_with_seasonal_views(series: Path, tmp_path: Pa
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
-        (["train.views.seasonal.enabled=true"], r"needs dated time series .*source=sen12ms"),
+        (
+            [
+                "train.views.seasonal.enabled=true",
+                "train.dataset.source=satlas",
+                "train.dataset.uri=/d",
+                "train.dataset.s2_layout=satlas",
+                "student.in_chans=9",
+            ],
+            r"needs dated time series .*source=sen12ms or synthetic \(not .satlas.",
+        ),
         (
             [
                 "train.dataset.source=sen12ms",

@@ -23,6 +23,7 @@ REDUCE_PRECISIONS = ("fp32", "bf16")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 EVAL_DATASETS = ("synthetic", "eurosat")
 SEASONAL_LOCALS = ("same", "any")
+CLOUD_POLICIES = ("drop", "sar_only")
 
 
 TENSORBOARD_MODES = ("auto", "true", "false")
@@ -132,10 +133,18 @@ def _validate_clouds(problems: list[str], cfg: DictConfig) -> None:
         f"train.clouds.max_fraction needs train.dataset.source=sen12ms (the scores name its "
         f"Sentinel-2 files), not {cfg.train.dataset.source!r}",
     )
+    if clouds.policy == "weight":
+        problems.append(
+            "train.clouds.policy='weight' (down-weighting cloudy views) is not supported yet; "
+            "use drop or sar_only"
+        )
+    else:
+        _choice(problems, "train.clouds.policy", clouds.policy, CLOUD_POLICIES)
     _check(
         problems,
-        clouds.policy == "drop",
-        f"train.clouds.policy={clouds.policy!r} is not supported yet; only drop is built",
+        clouds.policy != "sar_only" or cfg.train.multimodal,
+        "train.clouds.policy=sar_only shows the student Sentinel-1 in place of a cloudy "
+        "Sentinel-2 view, so it needs train.multimodal=true",
     )
 
 
@@ -143,16 +152,18 @@ def _validate_seasonal_views(problems: list[str], cfg: DictConfig) -> None:
     seasonal = cfg.train.views.seasonal
     if not seasonal.enabled:
         return
+    source = cfg.train.dataset.source
     _check(
         problems,
-        cfg.train.dataset.source == "sen12ms",
+        source in ("sen12ms", "synthetic"),
         "train.views.seasonal needs dated time series of each patch: train.dataset.source="
-        f"sen12ms (not {cfg.train.dataset.source!r}; shards and single-date sources keep none)",
+        f"sen12ms or synthetic (not {source!r}; shards and single-date sources keep none)",
     )
+    low = 1 if source == "synthetic" else 0  # a synthetic second date is a real gap in season
     _check(
         problems,
-        0 <= seasonal.min_days_apart <= seasonal.max_days_apart,
-        f"train.views.seasonal: need 0 <= min_days_apart ({seasonal.min_days_apart}) <= "
+        low <= seasonal.min_days_apart <= seasonal.max_days_apart,
+        f"train.views.seasonal: need {low} <= min_days_apart ({seasonal.min_days_apart}) <= "
         f"max_days_apart ({seasonal.max_days_apart})",
     )
     _choice(problems, "train.views.seasonal.locals", seasonal.locals, SEASONAL_LOCALS)

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from rsdino.data.bands import S2_LAYOUTS
 from rsdino.data.choices import SAMPLE_SOURCES
 from rsdino.data.cloud_scores import SCORES_KEY, read_cloud_fractions
+from rsdino.data.seasonal import SeasonalViews
 from rsdino.data.sources import (
     GeoTiffFolderSource,
     SatlasSource,
@@ -17,7 +18,6 @@ from rsdino.data.sources import (
     SkipBadSamples,
     store_access,
 )
-from rsdino.data.sources.sen12ms import SeasonalViews
 from rsdino.data.storage import Store, open_store
 from rsdino.data.synthetic import SyntheticLandCover
 from rsdino.errors import ExitCode, RsdinoError
@@ -109,29 +109,32 @@ def build_dataset(cfg: DictConfig) -> Dataset:
     is where a loader worker's error is turned into a batch the training process re-raises.
     """
     dataset = cfg.train.dataset
+    seasonal = cfg.train.views.seasonal
+    views = SeasonalViews(seasonal.min_days_apart, seasonal.max_days_apart, cfg.train.seed)
     if dataset.source == "synthetic":
         synthetic = cfg.train.synthetic
-        return SyntheticLandCover(
+        world = SyntheticLandCover(
             num_samples=synthetic.num_samples,
             tile_size=synthetic.tile_size,
             num_classes=synthetic.num_classes,
             s2_layout=dataset.s2_layout,
             seed=cfg.train.seed,
         )
+        if seasonal.enabled:
+            world.enable_seasonal_views(views)
+        return world
     spec = SourceSpec.from_config(cfg)
     source = open_source(spec)
     if cfg.train.clouds.max_fraction < 1:
         drop_cloudy(source, spec, cfg.train.clouds)
-    seasonal = cfg.train.views.seasonal
     if seasonal.enabled:
-        source.enable_seasonal_views(
-            SeasonalViews(seasonal.min_days_apart, seasonal.max_days_apart, cfg.train.seed)
-        )
+        source.enable_seasonal_views(views)  # after the cloud filter: partners are clear ones
     return SkipBadSamples(source)
 
 
 def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: DictConfig) -> None:
-    """Leave out the acquisitions scored cloudier than ``clouds.max_fraction``.
+    """Leave out the acquisitions scored cloudier than ``clouds.max_fraction`` (``drop``), or
+    mark them so the student sees their Sentinel-1 alone (``sar_only``).
 
     Every kept key must have a score: an unscored acquisition could be as cloudy as any, so the
     run stops naming it rather than train on it. The count goes to the start line and metrics
@@ -156,8 +159,12 @@ def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: DictConfig) -> 
             f"{location}, e.g. {unscored[0]}; rerun `rsdino data clouds {spec.uri} --split "
             f"{spec.split}` (it scores only the new ones)"
         )
+    cloudy = {key for key in source.keys if fractions[key] > clouds.max_fraction}
+    if clouds.policy == "sar_only":
+        source.mark_cloudy(cloudy)
+        return
     total = len(source)
-    source.cloudy_left_out = source.keep_only(lambda key: fractions[key] <= clouds.max_fraction)
+    source.cloudy_left_out = source.keep_only(lambda key: key not in cloudy)
     if len(source) == 0:
         raise DatasetError(
             f"train.clouds.max_fraction={clouds.max_fraction} leaves none of the {total} "
@@ -168,3 +175,8 @@ def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: DictConfig) -> 
 def cloudy_left_out(dataset: object) -> int:
     """How many acquisitions ``train.clouds`` left out of ``dataset`` (0 without the filter)."""
     return getattr(getattr(dataset, "source", dataset), "cloudy_left_out", 0)
+
+
+def cloudy_marked(dataset: object) -> int:
+    """How many acquisitions ``train.clouds.policy=sar_only`` shows the student as SAR only."""
+    return len(getattr(getattr(dataset, "source", dataset), "cloudy", ()))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from rsdino.data.bands import S2_BANDS_SEN12MS, S2_LAYOUTS
+from rsdino.data.seasonal import SeasonalViews
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ class SyntheticLandCover(torch.utils.data.Dataset):
         self._s2_band_indices = np.array(
             [S2_BANDS_SEN12MS.index(name) for name in S2_LAYOUTS[s2_layout]]
         )
+        self.seasonal: SeasonalViews | None = None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -242,18 +244,60 @@ class SyntheticLandCover(torch.utils.data.Dataset):
         doy = int(rng.integers(1, 366))
         landcover = self._land_cover_map(rng)
         texture_gain = self._texture_gain(rng, landcover)
-        greenness = _greenness(doy, self._world.season_peak_doy, self._world.season_width_days)
-        s2 = self._optical(rng, landcover, texture_gain, greenness)
-        s1 = self._radar(rng, landcover, texture_gain, greenness)
+        s2, s1 = self._acquisition(rng, landcover, texture_gain, doy)
         counts = np.bincount(landcover.ravel(), minlength=self.num_classes)
-        return {
+        key = f"synthetic/seed{self.seed}/{world_index:06d}"
+        sample = {
             "s1": s1,
-            "s2": s2[self._s2_band_indices],
+            "s2": s2,
             "doy": doy,
-            "key": f"synthetic/seed{self.seed}/{world_index:06d}",
+            "key": key,
             "label": int(counts.argmax()),
             "landcover": landcover,
         }
+        if self.seasonal is not None:
+            sample.update(self._second_date(world_index, landcover, texture_gain, doy, key))
+        return sample
+
+    def enable_seasonal_views(self, views: SeasonalViews) -> None:
+        """Serve each tile a second time, ``min_days_apart``..``max_days_apart`` days later in
+        the season: the same land cover and texture, the season's spectra and backscatter, and
+        that date's own illumination, haze and noise (``*_b`` fields, ``days_apart``)."""
+        if views.min_days_apart < 1 or views.max_days_apart < views.min_days_apart:
+            raise ValueError(
+                f"need 1 <= min_days_apart <= max_days_apart, got {views.min_days_apart} and "
+                f"{views.max_days_apart}"
+            )
+        self.seasonal = views
+
+    @property
+    def samples_with_second_date(self) -> int:
+        return self.num_samples if self.seasonal is not None else 0
+
+    def _acquisition(
+        self, rng: np.random.Generator, landcover: np.ndarray, texture_gain: np.ndarray, doy: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """S2 (in the layout's bands) and S1 of one date of a tile."""
+        greenness = _greenness(doy, self._world.season_peak_doy, self._world.season_width_days)
+        s2 = self._optical(rng, landcover, texture_gain, greenness)
+        s1 = self._radar(rng, landcover, texture_gain, greenness)
+        return s2[self._s2_band_indices], s1
+
+    def _second_date(
+        self,
+        world_index: int,
+        landcover: np.ndarray,
+        texture_gain: np.ndarray,
+        doy: int,
+        key: str,
+    ) -> dict:
+        """Another date of the tile, drawn from its own stream (the first date's is untouched)."""
+        views = self.seasonal
+        rng = np.random.default_rng([self.seed, world_index, views.seed, 1])
+        gap = int(rng.integers(views.min_days_apart, views.max_days_apart + 1))
+        doy_b = (doy - 1 + gap) % 365 + 1
+        s2_b, s1_b = self._acquisition(rng, landcover, texture_gain, doy_b)
+        return {"s1_b": s1_b, "s2_b": s2_b, "doy_b": doy_b, "key_b": key, "days_apart": gap}
 
     def _land_cover_map(self, rng: np.random.Generator) -> np.ndarray:
         """A few classes as blobs: argmax over one smooth random field per present class."""

@@ -20,7 +20,7 @@ from rsdino import __version__
 from rsdino.config.loader import config_to_yaml
 from rsdino.data.augment import MultiCropAugment
 from rsdino.data.bands import S2_LAYOUTS, BandNormalizer
-from rsdino.data.build import SourceSpec, build_dataset, cloudy_left_out
+from rsdino.data.build import SourceSpec, build_dataset, cloudy_left_out, cloudy_marked
 from rsdino.data.masking import IBotMasks, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
 from rsdino.data.sampler import ResumableShuffleSampler
@@ -191,12 +191,13 @@ def describe_data(cfg: DictConfig, dataset: object) -> str:
     else:
         where = f"{spec.source} at {spec.uri}"
     split = f", split {spec.split}" if spec.source in ("sen12ms", "satlas") else ""
-    cloudy = cloudy_left_out(dataset)
-    clouds = (
-        f" ({cloudy} acquisitions left out: cloud fraction > {cfg.train.clouds.max_fraction})"
-        if cfg.train.clouds.max_fraction < 1
-        else ""
-    )
+    clouds = ""
+    if cfg.train.clouds.max_fraction < 1:
+        if cfg.train.clouds.policy == "sar_only":
+            acted = f"{cloudy_marked(dataset)} shown to the student as SAR only"
+        else:
+            acted = f"{cloudy_left_out(dataset)} acquisitions left out"
+        clouds = f" ({acted}: cloud fraction > {cfg.train.clouds.max_fraction})"
     seasonal = cfg.train.views.seasonal
     views = ""
     if seasonal.enabled:
@@ -449,16 +450,36 @@ class Trainer:
                     chosen = crops["local_from_second"].to(device)
                     local_doy = torch.where(chosen, doy_b.repeat(n_local), local_doy)
 
-        def presence(n_views: int, rows: Tensor) -> dict[str, Tensor] | None:
+        def presence(n_views: int, rows: Tensor, clear: Tensor | None) -> dict[str, Tensor] | None:
             present = sample_modality_presence(
                 n_views * self.global_batch_size,
                 self.modalities,
                 cfg.train.modality_dropout,
                 generator,
             )
-            if present is None:
+            if present is None and clear is None:
                 return None
-            return {name: flags[rows].to(device) for name, flags in present.items()}
+            if present is None:
+                present = {
+                    name: torch.ones(len(rows), dtype=torch.bool) for name in self.modalities
+                }
+            else:
+                present = {name: flags[rows] for name, flags in present.items()}
+            if clear is not None:  # train.clouds.policy=sar_only: a cloudy view shows S1 alone
+                present["s2"] = present["s2"] & clear.cpu()
+                present["s1"] = present["s1"] | ~clear.cpu()  # never neither modality
+            return {name: flags.to(device) for name, flags in present.items()}
+
+        global_clear = local_clear = None
+        if "cloudy" in batch:
+            clear = ~batch["cloudy"].bool()
+            clear_b = ~batch["cloudy_b"].bool() if "cloudy_b" in batch else clear
+            global_clear = torch.cat([clear, clear_b])  # crop-major, as the crops
+            if n_local:
+                local_clear = clear.repeat(n_local)
+                if "local_from_second" in crops:
+                    chosen = crops["local_from_second"].cpu()
+                    local_clear = torch.where(chosen, clear_b.repeat(n_local), local_clear)
 
         return SSLBatch(
             global_crops=crops["global_crops"],
@@ -466,8 +487,8 @@ class Trainer:
             masks=masks,
             global_doy=global_doy,
             local_doy=local_doy,
-            global_present=presence(N_GLOBAL_CROPS, global_rows),
-            local_present=presence(n_local, local_rows) if n_local else None,
+            global_present=presence(N_GLOBAL_CROPS, global_rows, global_clear),
+            local_present=presence(n_local, local_rows, local_clear) if n_local else None,
         )
 
     def train_step(self, batch: dict, step: int) -> dict[str, Tensor]:

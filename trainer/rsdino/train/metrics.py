@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from torch import nn
 
 from rsdino import __version__
-from rsdino.data.build import cloudy_left_out
+from rsdino.data.build import cloudy_left_out, cloudy_marked
 from rsdino.data.sources.decode import DataError
 from rsdino.data.worker_stats import data_error_counts, storage_snapshot
 from rsdino.errors import RsdinoError
@@ -237,6 +237,11 @@ class TrainingMetrics:
             "rsdino_data_cloudy_left_out",
             "Acquisitions train.clouds left out of the dataset at start (cloud fraction too high)",
         )
+        self.cloudy_sar_only = family(
+            Gauge,
+            "rsdino_data_cloudy_sar_only",
+            "Acquisitions train.clouds.policy=sar_only shows the student as Sentinel-1 only",
+        )
         self.seasonal_pairs = family(
             Gauge,
             "rsdino_seasonal_pair_fraction",
@@ -295,6 +300,7 @@ class TrainingMetrics:
         """Read data-error and storage counts from ``dataset`` at every interval."""
         self._dataset = dataset
         self.cloudy_left_out.labels(**self.base).set(cloudy_left_out(dataset))
+        self.cloudy_sar_only.labels(**self.base).set(cloudy_marked(dataset))
 
     def observe_step(self, step: int, samples: int, data_wait: float, duration: float) -> None:
         """After each step, from host timers only: ``step`` is the number of completed steps."""

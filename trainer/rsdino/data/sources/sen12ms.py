@@ -32,6 +32,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from rsdino.data.bands import S2_BANDS_SEN12MS
+from rsdino.data.seasonal import SeasonalViews
 from rsdino.data.sources.decode import (
     BadDataPolicy,
     DataError,
@@ -86,16 +87,6 @@ class _Pair:
     doy: int
     date: datetime.date | None  # of the Sentinel-2 acquisition (Sentinel-1's if S2 has none)
     patch: tuple[str, str, int] | None  # (ROI, tile, patch) of tree names: its time series
-
-
-@dataclass(frozen=True)
-class SeasonalViews:
-    """Second dates for the second global crop: another acquisition of the same patch, between
-    ``min_days_apart`` and ``max_days_apart`` days away, chosen from ``seed`` and the sample."""
-
-    min_days_apart: int
-    max_days_apart: int
-    seed: int
 
 
 def _roi_split(roi_and_tile: str) -> str:
@@ -153,6 +144,8 @@ class Sen12MSSource(Dataset):
         self.bad_data = BadDataPolicy(on_error)
         self.cloudy_left_out = 0  # acquisitions a cloud filter removed (data.build.drop_cloudy)
         self.seasonal: SeasonalViews | None = None
+        self.cloudy: frozenset[str] = frozenset()  # S2 keys marked by ``mark_cloudy``
+        self._flag_clouds = False
         self._partners: list[list[int]] = []
         if layout == "tree":
             self._pairs = self._index_tree(list_keys(""))
@@ -178,6 +171,12 @@ class Sen12MSSource(Dataset):
         left_out = len(self._pairs) - len(kept)
         self._pairs = kept
         return left_out
+
+    def mark_cloudy(self, keys: set[str]) -> None:
+        """Serve every sample with ``cloudy`` (and ``cloudy_b`` for a second date): whether its
+        Sentinel-2 key is in ``keys``, so the student can be shown its Sentinel-1 alone."""
+        self.cloudy = frozenset(keys)
+        self._flag_clouds = True
 
     def enable_seasonal_views(self, views: SeasonalViews) -> None:
         """Serve each sample with a second date of its patch (``*_b`` fields, ``days_apart``).
@@ -228,6 +227,10 @@ class Sen12MSSource(Dataset):
             sample = self._read(pair)
             if self.seasonal is not None:
                 sample.update(self._second_date(index, sample))
+            if self._flag_clouds:
+                sample["cloudy"] = pair.s2 in self.cloudy
+                if "key_b" in sample:
+                    sample["cloudy_b"] = sample["key_b"] in self.cloudy
             return sample
         except DataError as error:
             self.bad_data.at_read(error)
