@@ -139,3 +139,15 @@ def test_seasonal_signal_runs_both_pretrainings_with_the_same_steps(tmp_path: Pa
             mode: {k: round(m["accuracy"], 4) for k, m in per_k.items()}
             for mode, per_k in knn["results"].items()
         }
+
+
+def test_seasonal_reads_counts_requests_per_sample_from_tree_and_shards(tmp_path: Path) -> None:
+    out = tmp_path / "reads.json"
+    command = [sys.executable, str(BENCHMARKS / "seasonal_reads.py"), "--patches", "2"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    per_sample = report["requests_per_sample"]
+    # The tree reads S1 and S2 files per date; a seasonal sample's two dates are one record.
+    assert per_sample["tree_single_date"] == 2.0 and per_sample["tree_seasonal"] == 4.0
+    assert per_sample["shards_seasonal"] <= 1.2 * per_sample["shards_single_date"]
+    assert report["meets_target"] is True

@@ -21,9 +21,15 @@ from conftest import (
 )
 from source_fixtures import SERIES_DATES, write_sen12ms_time_series
 
+from rsdino.cli import main
 from rsdino.config.loader import ConfigError, load_config
 from rsdino.data.augment import MultiCropAugment
 from rsdino.data.build import build_dataset
+from rsdino.data.seasonal import SeasonalViews
+from rsdino.data.sources import Sen12MSSource, store_access
+from rsdino.data.storage import open_store
+from rsdino.data.stream import ShardStream
+from rsdino.errors import RsdinoError
 from rsdino.train.checkpoint import checkpoint_name
 from rsdino.train.loop import Trainer, make_loader, train
 
@@ -217,7 +223,7 @@ def test_two_ranks_match_one_rank_with_seasonal_views(series: Path, tmp_path: Pa
                 "train.dataset.s2_layout=satlas",
                 "student.in_chans=9",
             ],
-            r"needs dated time series .*source=sen12ms or synthetic \(not .satlas.",
+            r"needs dated time series .*sen12ms, synthetic or shards packed .*\(not .satlas.",
         ),
         (
             [
@@ -247,3 +253,58 @@ def test_two_ranks_match_one_rank_with_seasonal_views(series: Path, tmp_path: Pa
 def test_bad_seasonal_keys_name_the_key(overrides: list[str], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         load_config("quickstart", overrides)
+
+
+@pytest.fixture(scope="module")
+def packed(series: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The series packed with second dates 30-120 days away, and packed with single dates."""
+    root = tmp_path_factory.mktemp("packed")
+    for name, extra in (("seasonal", ["--seasonal-days", "30:120"]), ("single", [])):
+        assert main(["data", "pack", str(series), str(root / name), "--seed", "3", *extra]) == 0
+    return root / "seasonal", root / "single"
+
+
+def _shards(uri: Path) -> list[str]:
+    return ["train.dataset.source=shards", f"train.dataset.uri={uri}"]
+
+
+def test_packed_samples_carry_the_second_date_the_source_would_serve(
+    series: Path, packed: tuple[Path, Path]
+) -> None:
+    seasonal, _ = packed
+    source = Sen12MSSource(*store_access(open_store(str(series))))
+    source.enable_seasonal_views(SeasonalViews(30, 120, seed=3))  # the pack's --seed
+    expected = {source[i]["key"]: source[i] for i in range(len(source))}
+    stream = ShardStream(
+        open_store(str(seasonal)), batch_size=4, rank=0, world_size=1, seed=0, seasonal=True
+    )
+    batch = next(iter(stream))
+    for row, key in enumerate(batch["key"]):
+        want = expected[key]
+        assert (
+            batch["key_b"][row] == want["key_b"] and batch["days_apart"][row] == want["days_apart"]
+        )
+        assert np.array_equal(batch["s2_b"][row].numpy(), want["s2_b"])
+        assert np.array_equal(batch["s1_b"][row].numpy(), want["s1_b"])
+    single_view = next(
+        iter(ShardStream(open_store(str(seasonal)), batch_size=4, rank=0, world_size=1, seed=0))
+    )
+    assert sorted(single_view) == ["doy", "key", "label", "s1", "s2"]  # second dates stay on disk
+
+
+def test_training_from_seasonal_shards_and_the_errors_that_guard_it(
+    packed: tuple[Path, Path], tmp_path: Path
+) -> None:
+    seasonal, single = packed
+    cfg = tiny_multimodal_config(*_shards(seasonal), *SEASONAL)
+    assert train(cfg, tmp_path / "run").final_step == 6
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    assert all(r["seasonal_pairs"] == 1.0 for r in records)
+    other_window = tiny_multimodal_config(
+        *_shards(seasonal), *SEASONAL, "train.views.seasonal.max_days_apart=200"
+    )
+    with pytest.raises(RsdinoError, match=r"second dates 30-120 days apart, not .* 30-200"):
+        train(other_window, tmp_path / "other")
+    with pytest.raises(RsdinoError, match=r"packed without seasonal views; repack with"):
+        train(tiny_multimodal_config(*_shards(single), *SEASONAL), tmp_path / "single")
+    assert main(["data", "pack", "/nowhere", str(tmp_path / "x"), "--seasonal-days", "9"]) == 2

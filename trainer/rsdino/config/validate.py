@@ -155,9 +155,10 @@ def _validate_seasonal_views(problems: list[str], cfg: DictConfig) -> None:
     source = cfg.train.dataset.source
     _check(
         problems,
-        source in ("sen12ms", "synthetic"),
+        source in ("sen12ms", "synthetic", "shards"),
         "train.views.seasonal needs dated time series of each patch: train.dataset.source="
-        f"sen12ms or synthetic (not {source!r}; shards and single-date sources keep none)",
+        f"sen12ms, synthetic or shards packed with --seasonal-days (not {source!r}: it has "
+        "single dates)",
     )
     low = 1 if source == "synthetic" else 0  # a synthetic second date is a real gap in season
     _check(

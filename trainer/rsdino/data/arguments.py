@@ -69,6 +69,14 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     pack.add_argument(
         "--seed", type=int, default=0, help="seed of the packing order (default: %(default)s)"
     )
+    pack.add_argument(
+        "--seasonal-days",
+        metavar="MIN:MAX",
+        default=None,
+        help="sen12ms: store each sample with a second date of its patch MIN..MAX days away "
+        "(chosen with --seed), for train.views.seasonal with the same window; default: single "
+        "dates",
+    )
     pack.set_defaults(handler=lazy_handler("rsdino.data.commands:run_pack"))
 
     stats = data_sub.add_parser(

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+from rsdino.config.loader import ConfigError
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
 from rsdino.data.build import SourceSpec, open_source
 from rsdino.data.destination import check_output_folder
 from rsdino.data.pack import describe_report, pack_dataset
+from rsdino.data.seasonal import SeasonalViews
 from rsdino.data.stats import DEFAULT_STATS_KEY, compute_stats, write_stats
 from rsdino.data.storage import open_store
 
@@ -33,11 +35,34 @@ def _modalities(spec: SourceSpec) -> tuple[str, ...]:
     return ("s1", "s2") if spec.multimodal else ("s2",)
 
 
+def _seasonal_views(args: argparse.Namespace) -> SeasonalViews | None:
+    """``--seasonal-days MIN:MAX``: pack each sample with a second date of its patch."""
+    if args.seasonal_days is None:
+        return None
+    if args.source != "sen12ms":
+        raise ConfigError(
+            f"--seasonal-days needs dated time series (--source sen12ms), not {args.source}"
+        )
+    low, sep, high = args.seasonal_days.partition(":")
+    try:
+        window = (int(low), int(high)) if sep else None
+    except ValueError:
+        window = None
+    if window is None or not 0 <= window[0] <= window[1]:
+        raise ConfigError(
+            f"--seasonal-days {args.seasonal_days!r} must be MIN:MAX days with 0 <= MIN <= MAX"
+        )
+    return SeasonalViews(window[0], window[1], args.seed)
+
+
 def run_pack(args: argparse.Namespace) -> int:
     spec = _spec(args)
     destination = open_store(args.dst)
     check_output_folder(args.dst, "the packed shards", destination)  # before any tile is read
+    seasonal = _seasonal_views(args)
     source = open_source(spec)
+    if seasonal is not None:
+        source.enable_seasonal_views(seasonal)
     s2_layout = "satlas" if spec.source == "satlas" else "sen12ms"
     report = pack_dataset(
         source,
@@ -53,6 +78,7 @@ def run_pack(args: argparse.Namespace) -> int:
             "s2_layout": s2_layout,
             "modalities": list(_modalities(spec)),
         },
+        seasonal=seasonal,
     )
     print(describe_report(report))
     return 0

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
 from rsdino.data.read_ahead import ordered_map
+from rsdino.data.seasonal import SeasonalViews
 from rsdino.data.shards import (
     CODECS,
     FORMAT_NAME,
@@ -72,13 +73,16 @@ def pack_dataset(
     seed: int = 0,
     description: dict[str, Any],
     read_workers: int = 8,
+    seasonal: SeasonalViews | None = None,
 ) -> PackReport:
     """Pack ``source`` into shards under ``dst`` and write ``manifest.json`` last.
 
     ``chunks_per_shard`` defaults to what fits ``target_shard_bytes`` at the size of the first
     sample. ``description`` (JSON-serialisable) is stored in the manifest as the source's
     description. ``read_workers`` threads read the source ahead of the writer, since real sources
-    spend most of their time waiting on storage.
+    spend most of their time waiting on storage. ``seasonal``: the source serves seasonal samples
+    (``enable_seasonal_views``), each packed with its second date in the same record, so a
+    training read of it costs no extra request; the window is part of the settings.
     """
     if samples_per_chunk < 1:
         raise ValueError(f"samples_per_chunk must be >= 1, got {samples_per_chunk}")
@@ -105,6 +109,12 @@ def pack_dataset(
         "chunks_per_shard": chunks_per_shard,
         "source_samples": num_source,
     }
+    if seasonal is not None:
+        settings["seasonal"] = {
+            "min_days_apart": seasonal.min_days_apart,
+            "max_days_apart": seasonal.max_days_apart,
+            "seed": seasonal.seed,
+        }
     indexes: list[dict[str, Any]] = []
     written = 0
     position = 0

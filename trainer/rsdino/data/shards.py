@@ -73,7 +73,8 @@ def _as_array(value: Any) -> np.ndarray:
 def encode_sample(sample: dict[str, Any], codec: str = "none") -> tuple[bytes, dict[str, Any]]:
     """The record bytes of one sample and its metadata; array offsets are relative to the record.
 
-    Every array field (numpy or torch) is stored; "key", "doy" and "label" go into the metadata.
+    Every array field (numpy or torch) is stored; "key", "doy" and "label" go into the metadata,
+    other int or str fields (a seasonal sample's "doy_b", "key_b", "days_apart") under "fields".
     """
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
@@ -82,13 +83,17 @@ def encode_sample(sample: dict[str, Any], codec: str = "none") -> tuple[bytes, d
         raise ValueError(f"sample {sample.get('key', '?')!r} lacks the fields {missing}")
     arrays = []
     parts = []
+    fields: dict[str, int | str] = {}
     offset = 0
     for name in sorted(set(sample) - set(SCALAR_FIELDS)):
         value = sample[name]
+        if isinstance(value, (bool, int, np.integer, str)):
+            fields[name] = value if isinstance(value, str) else int(value)
+            continue
         if not isinstance(value, (np.ndarray, torch.Tensor)):
             raise ValueError(
-                f"sample field {name!r} is a {type(value).__name__}; only arrays and "
-                f"{SCALAR_FIELDS} can be packed"
+                f"sample field {name!r} is a {type(value).__name__}; only arrays, ints and "
+                "strings can be packed"
             )
         array = _as_array(value)
         payload = array.tobytes()
@@ -112,6 +117,8 @@ def encode_sample(sample: dict[str, Any], codec: str = "none") -> tuple[bytes, d
         "label": int(sample["label"]),
         "arrays": arrays,
     }
+    if fields:
+        meta["fields"] = fields
     return b"".join(parts), meta
 
 
@@ -152,14 +159,20 @@ def _decode_array(data: bytes, meta: dict[str, Any]) -> np.ndarray:
 
 
 def decode_chunk(
-    data: bytes, chunk_meta: dict[str, Any], arrays: Collection[str] | None = None
+    data: bytes,
+    chunk_meta: dict[str, Any],
+    arrays: Collection[str] | None = None,
+    fields: bool = True,
 ) -> list[dict[str, Any]]:
-    """The samples of one chunk, from the chunk's bytes alone; ``arrays`` limits what is decoded."""
+    """The samples of one chunk, from the chunk's bytes alone; ``arrays`` limits what is decoded,
+    ``fields`` whether the extra scalar fields (see :func:`encode_sample`) come along."""
     if len(data) != chunk_meta["nbytes"]:
         raise RsdinoError(f"a chunk has {len(data)} bytes, its index says {chunk_meta['nbytes']}")
     samples = []
     for meta in chunk_meta["samples"]:
         sample: dict[str, Any] = {name: meta[name] for name in SCALAR_FIELDS}
+        if fields:
+            sample.update(meta.get("fields", {}))
         for array in meta["arrays"]:
             if arrays is None or array["name"] in arrays:
                 sample[array["name"]] = _decode_array(data, array)

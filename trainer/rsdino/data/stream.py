@@ -66,8 +66,10 @@ class ShardStream(IterableDataset):
 
     ``start_position`` is a global sample position; a job saves ``position_after(steps)`` and a
     resumed job passes it back, whatever the new world size. ``modalities`` limits which of the
-    packed modalities are decoded (default: all). The chunks of the next ``read_ahead`` batches
-    are read and decoded in background threads while the current batch is being used. Use it with
+    packed modalities are decoded (default: all); ``seasonal`` serves the second dates that a
+    seasonal pack stores with each sample (``*_b``, ``days_apart``). The chunks of the next
+    ``read_ahead`` batches are read and decoded in background threads while the current batch is
+    being used. Use it with
     ``DataLoader(stream, batch_size=None, num_workers=n)``: worker w of n produces this stream's
     batches w, w + n, ..., which the DataLoader's round robin over workers puts back in order.
     """
@@ -83,6 +85,7 @@ class ShardStream(IterableDataset):
         start_position: int = 0,
         modalities: Collection[str] | None = None,
         read_ahead: int = 4,
+        seasonal: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -103,8 +106,17 @@ class ShardStream(IterableDataset):
         self.read_ahead = read_ahead
         self.manifest = read_manifest(store)
         self.modalities = self._check_modalities(modalities)
-        packed_modalities = set(self.manifest["modalities"])
-        self._arrays = set(self.manifest["arrays"]) - (packed_modalities - set(self.modalities))
+        if seasonal and "seasonal" not in self.manifest:
+            raise RsdinoError(
+                f"the shards at {store.uri} were packed without seasonal views; repack with "
+                "`rsdino data pack SRC DST --seasonal-days MIN:MAX` or train without them"
+            )
+        self.seasonal = seasonal
+        unwanted = set(self.manifest["modalities"]) - set(self.modalities)
+        if not seasonal:  # a seasonal pack's second dates stay on disk
+            unwanted |= {f"{name}_b" for name in self.manifest["modalities"]}
+        unwanted |= {f"{name}_b" for name in unwanted}
+        self._arrays = set(self.manifest["arrays"]) - unwanted
         self._chunks = self._chunk_table(read_shard_indexes(store, self.manifest))
         self._chunk_sizes = np.array([chunk.size for chunk in self._chunks], dtype=np.int64)
         self.samples_per_epoch = int(self._chunk_sizes.sum())
@@ -182,7 +194,7 @@ class ShardStream(IterableDataset):
         for _ in range(2):
             data = self.store.read(chunk.data_key, start, start + chunk.meta["nbytes"])
             if zlib.crc32(data) == chunk.meta["crc32"]:
-                return decode_chunk(data, chunk.meta, self._arrays)
+                return decode_chunk(data, chunk.meta, self._arrays, fields=self.seasonal)
         raise RsdinoError(
             f"shard {chunk.shard} ({location(self.store, chunk.data_key)}) is damaged: bytes "
             f"[{start}, {start + chunk.meta['nbytes']}) fail their CRC-32 check twice; run "

@@ -200,7 +200,12 @@ def describe_data(cfg: DictConfig, dataset: object) -> str:
         clouds = f" ({acted}: cloud fraction > {cfg.train.clouds.max_fraction})"
     seasonal = cfg.train.views.seasonal
     views = ""
-    if seasonal.enabled:
+    if seasonal.enabled and isinstance(dataset, ShardStream):
+        views = (
+            f"; seasonal views packed {seasonal.min_days_apart}-{seasonal.max_days_apart} "
+            "days apart"
+        )
+    elif seasonal.enabled:
         paired = getattr(dataset, "source", dataset).samples_with_second_date
         views = (
             f"; seasonal views: {paired} of {count} samples have a second date "
@@ -219,7 +224,20 @@ def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) ->
         seed=cfg.train.seed,
         start_position=start_position,
         modalities=modalities(cfg),
+        seasonal=cfg.train.views.seasonal.enabled,
     )
+    seasonal = cfg.train.views.seasonal
+    packed = stream.manifest.get("seasonal")
+    if seasonal.enabled and (packed["min_days_apart"], packed["max_days_apart"]) != (
+        seasonal.min_days_apart,
+        seasonal.max_days_apart,
+    ):
+        raise RsdinoError(
+            f"the shards at {cfg.train.dataset.uri} hold second dates "
+            f"{packed['min_days_apart']}-{packed['max_days_apart']} days apart, not "
+            f"train.views.seasonal's {seasonal.min_days_apart}-{seasonal.max_days_apart}; set "
+            "those keys to match or repack with --seasonal-days"
+        )
     layout = cfg.train.dataset.s2_layout
     packed_bands = stream.manifest.get("band_layout", {}).get("s2")
     if packed_bands is not None and list(packed_bands) != list(S2_LAYOUTS[layout]):
