@@ -156,12 +156,16 @@ SEN12MS_CLOUDS = [
             r"policy=sar_only shows the student Sentinel-1 .* needs train\.multimodal=true",
         ),
         (
-            [*SEN12MS_CLOUDS, "train.clouds.policy=weight"],
-            r"train\.clouds\.policy='weight' \(down-weighting cloudy views\) is not supported yet",
+            [*SEN12MS_CLOUDS, "train.clouds.policy=weight", "train.clouds.loss_weight=2"],
+            r"train\.clouds\.loss_weight=2\.0 must be in \[0, 1\]",
+        ),
+        (
+            [*SEN12MS_CLOUDS, "train.clouds.loss_weight=0.5"],
+            r"train\.clouds\.loss_weight=0\.5 applies only with train\.clouds\.policy=weight",
         ),
         (
             [*SEN12MS_CLOUDS, "train.clouds.policy=mask"],
-            r"train\.clouds\.policy='mask' is not one of drop, sar_only",
+            r"train\.clouds\.policy='mask' is not one of drop, sar_only, weight",
         ),
     ],
 )
@@ -200,4 +204,26 @@ def test_sar_only_keeps_cloudy_samples_and_shows_the_student_their_sar_alone(
     for present, n_views in ((views.global_present, 2), (views.local_present, n_local)):
         assert torch.equal(present["s2"], ~cloudy.repeat(n_views))
         assert bool(present["s1"].all())
+    assert train(cfg, tmp_path / "trained").final_step == 6
+
+
+def test_weight_keeps_cloudy_samples_and_scales_the_loss_of_their_views(
+    scored_tree: Path, tmp_path: Path
+) -> None:
+    weighted = ["train.clouds.max_fraction=0.3", "train.clouds.policy=weight"]
+    cfg = _config(
+        str(scored_tree),
+        *weighted,
+        "train.clouds.loss_weight=0.25",
+        "train.batch_size_per_gpu=6",
+        "train.modality_dropout=0",
+    )
+    dataset = build_dataset(cfg)
+    assert len(dataset) == 6 and cloudy_marked(dataset) == 3
+    trainer = Trainer(cfg, tmp_path / "run", resume=False)
+    views = trainer._views(collate_samples([dataset[index] for index in range(6)]), step=0)
+    clear = torch.tensor([1.0 if f <= 0.3 else 0.25 for f in FRACTIONS])
+    assert torch.equal(views.global_weight, clear.repeat(2))
+    assert torch.equal(views.local_weight, clear.repeat(cfg.crops.local_crops_number))
+    assert views.global_present is None  # unlike sar_only, the student still sees S2
     assert train(cfg, tmp_path / "trained").final_step == 6

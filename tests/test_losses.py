@@ -257,3 +257,13 @@ def _two_rank_worker(rank: int, store_path: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_teacher_statistics_use_the_global_batch_across_processes(tmp_path) -> None:
     mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+
+
+def test_row_weights_scale_each_row_before_the_batch_mean() -> None:
+    students = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    teachers = [torch.tensor([[0.7, 0.3], [0.4, 0.6]])]
+    loss_fn = DinoClsLoss(out_dim=2, student_temp=1.0)
+    weighted = loss_fn(students, teachers, [[torch.tensor([1.0, 0.25])]])
+    first = _manual_cross_entropy([1.0, 0.0], [0.7, 0.3], 1.0)
+    second = _manual_cross_entropy([0.0, 1.0], [0.4, 0.6], 1.0)
+    assert weighted.item() == pytest.approx((first + 0.25 * second) / 2, rel=1e-6)

@@ -153,3 +153,36 @@ def test_missing_pretrained_weights_is_a_clear_error(tmp_path) -> None:
 
     with pytest.raises(RsdinoError, match=r"student\.pretrained_weights=.*nope\.pth.* s2 encoder"):
         _model(f"student.pretrained_weights={tmp_path / 'nope.pth'}")
+
+
+def _weighted(model: SSLMetaArch, weights: list[float], n_local: int = 2) -> dict:
+    """Loss parts with per-sample view weights (both global views and every local crop alike)."""
+    batch = _batch(_masks(probability=1.0), n_local=n_local)
+    per_sample = torch.tensor(weights)
+    batch.global_weight = per_sample.repeat(2)
+    batch.local_weight = per_sample.repeat(n_local)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)  # the same stochastic-depth draws in every call
+    _, parts = model.compute_losses(batch, teacher_temp=0.04)
+    model.load_state_dict(state)  # the centres moved: every call starts from the same state
+    return parts
+
+
+def test_view_weights_scale_the_dino_and_ibot_terms_of_their_samples() -> None:
+    model = _model()
+    plain = _weighted(model, [1.0, 1.0, 1.0])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    _, unweighted = model.compute_losses(_batch(_masks(probability=1.0)), teacher_temp=0.04)
+    model.load_state_dict(state)
+    for name in unweighted:
+        torch.testing.assert_close(plain[name], unweighted[name])  # weight 1 changes nothing
+    zero, half = _weighted(model, [1.0, 0.0, 1.0]), _weighted(model, [1.0, 0.5, 1.0])
+    # Sample 1's terms scale linearly with its weight; every other term is untouched.
+    for name in ("dino_global", "dino_local", "ibot"):
+        torch.testing.assert_close(half[name], (zero[name] + plain[name]) / 2)
+        assert zero[name] < plain[name]
+    torch.testing.assert_close(zero["koleo"], plain["koleo"])  # KoLeo is not weighted
+    nothing = _weighted(model, [0.0, 0.0, 0.0])
+    for name in ("dino_global", "dino_local", "ibot"):
+        assert nothing[name] == 0

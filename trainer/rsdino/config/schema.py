@@ -79,6 +79,7 @@ class CloudsConfig:
     scores: str = MISSING
     max_fraction: float = MISSING
     policy: str = MISSING
+    loss_weight: float = MISSING
 
 
 @dataclass

@@ -23,7 +23,7 @@ REDUCE_PRECISIONS = ("fp32", "bf16")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 EVAL_DATASETS = ("synthetic", "eurosat")
 SEASONAL_LOCALS = ("same", "any")
-CLOUD_POLICIES = ("drop", "sar_only")
+CLOUD_POLICIES = ("drop", "sar_only", "weight")
 
 
 TENSORBOARD_MODES = ("auto", "true", "false")
@@ -133,13 +133,12 @@ def _validate_clouds(problems: list[str], cfg: DictConfig) -> None:
         f"train.clouds.max_fraction needs train.dataset.source=sen12ms (the scores name its "
         f"Sentinel-2 files), not {cfg.train.dataset.source!r}",
     )
-    if clouds.policy == "weight":
-        problems.append(
-            "train.clouds.policy='weight' (down-weighting cloudy views) is not supported yet; "
-            "use drop or sar_only"
-        )
-    else:
-        _choice(problems, "train.clouds.policy", clouds.policy, CLOUD_POLICIES)
+    _choice(problems, "train.clouds.policy", clouds.policy, CLOUD_POLICIES)
+    _check(
+        problems,
+        0.0 <= clouds.loss_weight <= 1.0,
+        f"train.clouds.loss_weight={clouds.loss_weight} must be in [0, 1]",
+    )
     _check(
         problems,
         clouds.policy != "sar_only" or cfg.train.multimodal,
@@ -322,6 +321,11 @@ MODE_KEYS: tuple[tuple[str, Callable[[DictConfig], bool], tuple[str, ...]], ...]
         "train.clouds.max_fraction < 1",
         lambda cfg: cfg.train.clouds.max_fraction < 1,
         ("train.clouds.scores", "train.clouds.policy"),
+    ),
+    (
+        "train.clouds.policy=weight",
+        lambda cfg: cfg.train.clouds.max_fraction < 1 and cfg.train.clouds.policy == "weight",
+        ("train.clouds.loss_weight",),
     ),
     (
         "ibot.separate_head=true",

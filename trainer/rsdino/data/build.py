@@ -134,7 +134,8 @@ def build_dataset(cfg: DictConfig) -> Dataset:
 
 def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: DictConfig) -> None:
     """Leave out the acquisitions scored cloudier than ``clouds.max_fraction`` (``drop``), or
-    mark them so the student sees their Sentinel-1 alone (``sar_only``).
+    mark them so the student sees their Sentinel-1 alone (``sar_only``) or their loss terms are
+    scaled (``weight``).
 
     Every kept key must have a score: an unscored acquisition could be as cloudy as any, so the
     run stops naming it rather than train on it. The count goes to the start line and metrics
@@ -160,7 +161,7 @@ def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: DictConfig) -> 
             f"{spec.split}` (it scores only the new ones)"
         )
     cloudy = {key for key in source.keys if fractions[key] > clouds.max_fraction}
-    if clouds.policy == "sar_only":
+    if clouds.policy in ("sar_only", "weight"):  # kept, flagged for the training step
         source.mark_cloudy(cloudy)
         return
     total = len(source)
@@ -178,5 +179,5 @@ def cloudy_left_out(dataset: object) -> int:
 
 
 def cloudy_marked(dataset: object) -> int:
-    """How many acquisitions ``train.clouds.policy=sar_only`` shows the student as SAR only."""
+    """How many acquisitions ``train.clouds`` kept but flagged (``sar_only``, ``weight``)."""
     return len(getattr(getattr(dataset, "source", dataset), "cloudy", ()))

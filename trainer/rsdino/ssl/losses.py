@@ -104,16 +104,25 @@ class DinoClsLoss(_CenteredTeacher):
         global_batch = scores.shape[1] * _world_size()
         return _sinkhorn_knopp(scores, n_iterations, global_batch)
 
-    def forward(self, student_logits: list[Tensor], teacher_probs: list[Tensor]) -> Tensor:
+    def forward(
+        self,
+        student_logits: list[Tensor],
+        teacher_probs: list[Tensor],
+        row_weights: list[list[Tensor]] | None = None,
+    ) -> Tensor:
         """Sum over every (student, teacher) pair of the batch-mean cross-entropy.
 
         Callers choose the pairing by what they put in the lists (e.g. local crops vs both global
         teacher crops); normalising by the number of terms is :func:`normalise_dino_losses`' job.
+        ``row_weights[i][j]`` scales the rows of pair (i, j) before the mean (e.g. cloudy views).
         """
         total = student_logits[0].new_zeros((), dtype=torch.float32)
-        for student in student_logits:
-            for teacher in teacher_probs:
-                total = total + _rowwise_cross_entropy(student, teacher, self.student_temp).mean()
+        for i, student in enumerate(student_logits):
+            for j, teacher in enumerate(teacher_probs):
+                rows = _rowwise_cross_entropy(student, teacher, self.student_temp)
+                if row_weights is not None:
+                    rows = rows * row_weights[i][j].to(rows)
+                total = total + rows.mean()
         return total
 
 

@@ -32,12 +32,30 @@ class SSLBatch:
     local_doy: Tensor | None = None  # [n_local*B]
     global_present: dict[str, Tensor] | None = None  # student-side modality dropout, [2B] bool
     local_present: dict[str, Tensor] | None = None  # [n_local*B] bool
+    # Loss weight of each student view (train.clouds.policy=weight); None: all 1. A loss term
+    # pairing two views takes the smaller weight: any cloudy view in it scales it.
+    global_weight: Tensor | None = None  # [2B]
+    local_weight: Tensor | None = None  # [n_local*B]
 
 
 @dataclass
 class TeacherTargets:
     dino: list[Tensor]  # per global view, [B, K]; view order swapped w.r.t. the student
     ibot: Tensor | None  # [M, K] for the masked patches, None when iBOT is off or nothing is masked
+
+
+def _pair_weights(batch: SSLBatch, n_local: int) -> dict[str, list[list[Tensor]]] | None:
+    """Row weights of the DINO pairs from the views' weights: each student row is taught by the
+    other global view of its sample (and local crops by both), and a pair takes the smaller."""
+    if batch.global_weight is None:
+        return None
+    student = batch.global_weight
+    teacher_views = student.chunk(N_GLOBAL_CROPS)[::-1]  # the order of TeacherTargets.dino
+    weights = {"global": [[torch.minimum(student, torch.cat(teacher_views))]]}
+    if n_local:
+        local = batch.local_weight.chunk(n_local)
+        weights["local"] = [[torch.minimum(crop, view) for view in teacher_views] for crop in local]
+    return weights
 
 
 class SSLMetaArch(nn.Module):
@@ -162,9 +180,14 @@ class SSLMetaArch(nn.Module):
         global_logits, local_logits = cls_logits[:n_global_rows], cls_logits[n_global_rows:]
 
         n_local = self.n_local_crops if local_logits.shape[0] else 0
-        global_loss = self.dino_loss([global_logits], [torch.cat(targets.dino)])
+        weights = _pair_weights(batch, n_local)
+        global_loss = self.dino_loss(
+            [global_logits], [torch.cat(targets.dino)], weights and weights["global"]
+        )
         local_loss = (
-            self.dino_loss(list(local_logits.chunk(n_local)), targets.dino)
+            self.dino_loss(
+                list(local_logits.chunk(n_local)), targets.dino, weights and weights["local"]
+            )
             if n_local
             else torch.zeros_like(global_loss)
         )
@@ -178,8 +201,12 @@ class SSLMetaArch(nn.Module):
             koleo = sum(self.koleo_loss(view.float()) for view in cls_global.chunk(N_GLOBAL_CROPS))
             parts["koleo"] = self.koleo_weight * koleo
         if patch_logits is not None and targets.ibot is not None and masks is not None:
+            patch_weight = masks.masks_weight
+            if batch.global_weight is not None:  # each masked patch takes its view's weight
+                image = masks.mask_indices // masks.masks.shape[1]
+                patch_weight = patch_weight * batch.global_weight.to(patch_weight)[image]
             parts["ibot"] = self.ibot_weight * self.ibot_loss.forward_masked(
-                patch_logits.float(), targets.ibot, masks.masks_weight, n_images=n_global_rows
+                patch_logits.float(), targets.ibot, patch_weight, n_images=n_global_rows
             )
         elif self.uses_ibot:
             parts["ibot"] = global_loss.new_zeros(())  # keeps the logged parts the same each step

@@ -195,6 +195,8 @@ def describe_data(cfg: DictConfig, dataset: object) -> str:
     if cfg.train.clouds.max_fraction < 1:
         if cfg.train.clouds.policy == "sar_only":
             acted = f"{cloudy_marked(dataset)} shown to the student as SAR only"
+        elif cfg.train.clouds.policy == "weight":
+            acted = f"{cloudy_marked(dataset)} with loss weight {cfg.train.clouds.loss_weight}"
         else:
             acted = f"{cloudy_left_out(dataset)} acquisitions left out"
         clouds = f" ({acted}: cloud fraction > {cfg.train.clouds.max_fraction})"
@@ -488,7 +490,7 @@ class Trainer:
                 present["s1"] = present["s1"] | ~clear.cpu()  # never neither modality
             return {name: flags.to(device) for name, flags in present.items()}
 
-        global_clear = local_clear = None
+        global_clear = local_clear = None  # per student view: its date is not cloudy
         if "cloudy" in batch:
             clear = ~batch["cloudy"].bool()
             clear_b = ~batch["cloudy_b"].bool() if "cloudy_b" in batch else clear
@@ -499,14 +501,31 @@ class Trainer:
                     chosen = crops["local_from_second"].cpu()
                     local_clear = torch.where(chosen, clear_b.repeat(n_local), local_clear)
 
+        clouds = cfg.train.clouds
+        show_sar_only = clouds.policy == "sar_only"
+
+        def weight(clear: Tensor | None) -> Tensor | None:
+            """train.clouds.policy=weight: a cloudy view's loss terms scaled by loss_weight."""
+            if clear is None or clouds.policy != "weight":
+                return None
+            return torch.where(clear, 1.0, clouds.loss_weight).to(device)
+
         return SSLBatch(
             global_crops=crops["global_crops"],
             local_crops=crops["local_crops"] if n_local else None,
             masks=masks,
             global_doy=global_doy,
             local_doy=local_doy,
-            global_present=presence(N_GLOBAL_CROPS, global_rows, global_clear),
-            local_present=presence(n_local, local_rows, local_clear) if n_local else None,
+            global_present=presence(
+                N_GLOBAL_CROPS, global_rows, global_clear if show_sar_only else None
+            ),
+            local_present=(
+                presence(n_local, local_rows, local_clear if show_sar_only else None)
+                if n_local
+                else None
+            ),
+            global_weight=weight(global_clear),
+            local_weight=weight(local_clear),
         )
 
     def train_step(self, batch: dict, step: int) -> dict[str, Tensor]:

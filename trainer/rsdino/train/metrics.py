@@ -237,10 +237,10 @@ class TrainingMetrics:
             "rsdino_data_cloudy_left_out",
             "Acquisitions train.clouds left out of the dataset at start (cloud fraction too high)",
         )
-        self.cloudy_sar_only = family(
+        self.cloudy_kept = family(
             Gauge,
-            "rsdino_data_cloudy_sar_only",
-            "Acquisitions train.clouds.policy=sar_only shows the student as Sentinel-1 only",
+            "rsdino_data_cloudy_kept",
+            "Cloudy acquisitions kept and flagged (train.clouds.policy sar_only or weight)",
         )
         self.seasonal_pairs = family(
             Gauge,
@@ -300,7 +300,7 @@ class TrainingMetrics:
         """Read data-error and storage counts from ``dataset`` at every interval."""
         self._dataset = dataset
         self.cloudy_left_out.labels(**self.base).set(cloudy_left_out(dataset))
-        self.cloudy_sar_only.labels(**self.base).set(cloudy_marked(dataset))
+        self.cloudy_kept.labels(**self.base).set(cloudy_marked(dataset))
 
     def observe_step(self, step: int, samples: int, data_wait: float, duration: float) -> None:
         """After each step, from host timers only: ``step`` is the number of completed steps."""
