@@ -77,6 +77,8 @@ def test_training_logs_and_exports_what_the_filter_left_out(
     assert result.final_step == 6
     assert "sen12ms at" in caplog.text
     assert "3 samples (3 acquisitions left out: cloud fraction > 0.3)" in caplog.text
+    records = [json.loads(line) for line in (run / "train_log.jsonl").open()]
+    assert [record["cloudy_left_out"] for record in records] == [3] * 6
 
 
 def test_the_gauge_counts_the_left_out_acquisitions(scored_tree: Path) -> None:

@@ -673,6 +673,7 @@ class Trainer:
             curves = CurveWriters(cfg, self.paths.root, enabled=self.ctx.is_main)
             metrics.set_resumed_from(self.start_step)
             metrics.watch_data(loader.dataset)
+            clouds = cloud_counts(cfg, loader.dataset)  # in every train_log.jsonl record
             for step in range(self.start_step, steps):
                 started = time.perf_counter()
                 batch = next(batches)
@@ -708,7 +709,7 @@ class Trainer:
                     _check_finite(losses, window_start + 1, done, self._good_checkpoint())
                     window_start, running = done, {}
                     if self.ctx.is_main:
-                        record = reporter.report(done, losses, scalars, views)
+                        record = reporter.report(done, losses, scalars, {**views, **clouds})
                         result.history.append(record)
                         curves.log(
                             done, {**losses, **scalars, "samples_per_s": record["samples_per_s"]}
@@ -737,6 +738,15 @@ class Trainer:
             curves.close()
         result.last_checkpoint = self.last_checkpoint
         return result
+
+
+def cloud_counts(cfg: DictConfig, dataset: object) -> dict[str, int]:
+    """The acquisitions train.clouds acted on: left out (drop) or kept and flagged."""
+    if cfg.train.clouds.max_fraction >= 1:
+        return {}
+    if cfg.train.clouds.policy == "drop":
+        return {"cloudy_left_out": cloudy_left_out(dataset)}
+    return {"cloudy_kept": cloudy_marked(dataset)}
 
 
 def seasonal_summary(means: dict[str, float]) -> dict[str, float]:

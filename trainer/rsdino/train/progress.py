@@ -54,7 +54,7 @@ class ProgressReporter:
         scalars: dict[str, float],
         views: dict[str, float] | None = None,
     ) -> dict:
-        """``step`` is the number of completed steps; ``views``: seasonal-view statistics."""
+        """``step`` is the number of completed steps; ``views``: seasonal-view and cloud counts."""
         now = time.perf_counter()
         done = step - (self._last_step if self._last_step is not None else step)
         elapsed = now - self._last_time
@@ -67,7 +67,7 @@ class ProgressReporter:
         views = views or {}
         view_text = (
             f" | seasonal {views['seasonal_pairs']:.2f} ({views['seasonal_days_apart']:.0f} days)"
-            if views
+            if "seasonal_pairs" in views
             else ""
         )
         log.info(
