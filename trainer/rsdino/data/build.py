@@ -180,4 +180,4 @@ def cloudy_left_out(dataset: object) -> int:
 
 def cloudy_marked(dataset: object) -> int:
     """How many acquisitions ``train.clouds`` kept but flagged (``sar_only``, ``weight``)."""
-    return len(getattr(getattr(dataset, "source", dataset), "cloudy", ()))
+    return len(getattr(getattr(dataset, "source", dataset), "cloudy", None) or ())

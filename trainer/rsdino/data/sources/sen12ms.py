@@ -144,9 +144,8 @@ class Sen12MSSource(Dataset):
         self.bad_data = BadDataPolicy(on_error)
         self.cloudy_left_out = 0  # acquisitions a cloud filter removed (data.build.drop_cloudy)
         self.seasonal: SeasonalViews | None = None
-        self.cloudy: frozenset[str] = frozenset()  # S2 keys marked by ``mark_cloudy``
-        self._flag_clouds = False
-        self._partners: list[list[int]] = []
+        self.cloudy: frozenset[str] | None = None  # S2 keys marked by ``mark_cloudy``
+        self._partners: list[int] = []  # per sample, its second date's index (itself: none)
         if layout == "tree":
             self._pairs = self._index_tree(list_keys(""))
         else:
@@ -176,13 +175,14 @@ class Sen12MSSource(Dataset):
         """Serve every sample with ``cloudy`` (and ``cloudy_b`` for a second date): whether its
         Sentinel-2 key is in ``keys``, so the student can be shown its Sentinel-1 alone."""
         self.cloudy = frozenset(keys)
-        self._flag_clouds = True
 
     def enable_seasonal_views(self, views: SeasonalViews) -> None:
         """Serve each sample with a second date of its patch (``*_b`` fields, ``days_apart``).
 
         Call it after any filter (``keep_only``), so partners come from the kept acquisitions.
         A sample without a date in the window gets itself as second date (``days_apart`` 0).
+        Each partner is drawn once here from ``(views.seed, index)``: the same for every epoch,
+        rank and loader worker, and no draw per sample read.
         """
         if views.min_days_apart < 0 or views.max_days_apart < views.min_days_apart:
             raise ValueError(
@@ -194,32 +194,27 @@ class Sen12MSSource(Dataset):
             if pair.patch is not None and pair.date is not None:
                 series.setdefault(pair.patch, []).append(index)
         self._partners = []
-        for pair in self._pairs:
-            candidates = series.get(pair.patch, []) if pair.date is not None else []
-            self._partners.append(
-                [
-                    other
-                    for other in candidates
-                    if views.min_days_apart
-                    <= abs((self._pairs[other].date - pair.date).days)
-                    <= views.max_days_apart
-                    and self._pairs[other] != pair
-                ]
-            )
+        for index, pair in enumerate(self._pairs):
+            candidates = [
+                other
+                for other in (series.get(pair.patch, []) if pair.date is not None else [])
+                if other != index
+                and views.min_days_apart <= self._days_apart(index, other) <= views.max_days_apart
+            ]
+            partner = index
+            if candidates:
+                draw = np.random.default_rng([views.seed, index]).integers(len(candidates))
+                partner = candidates[int(draw)]
+            self._partners.append(partner)
         self.seasonal = views
 
     @property
     def samples_with_second_date(self) -> int:
         """How many samples have another date of their patch in the seasonal window."""
-        return sum(1 for candidates in self._partners if candidates)
+        return sum(partner != index for index, partner in enumerate(self._partners))
 
-    def partner(self, index: int) -> int:
-        """The second date of sample ``index``: the same for every epoch, rank and worker."""
-        candidates = self._partners[index]
-        if not candidates:
-            return index
-        draw = np.random.default_rng([self.seasonal.seed, index]).integers(len(candidates))
-        return candidates[int(draw)]
+    def _days_apart(self, index: int, other: int) -> int:
+        return abs((self._pairs[other].date - self._pairs[index].date).days)
 
     def __getitem__(self, index: int) -> dict:
         pair = self._pairs[index]
@@ -227,7 +222,7 @@ class Sen12MSSource(Dataset):
             sample = self._read(pair)
             if self.seasonal is not None:
                 sample.update(self._second_date(index, sample))
-            if self._flag_clouds:
+            if self.cloudy is not None:
                 sample["cloudy"] = pair.s2 in self.cloudy
                 if "key_b" in sample:
                     sample["cloudy_b"] = sample["key_b"] in self.cloudy
@@ -237,18 +232,13 @@ class Sen12MSSource(Dataset):
 
     def _second_date(self, index: int, first: dict) -> dict:
         """The ``*_b`` fields of a seasonal sample: its partner's images and day of year."""
-        partner = self.partner(index)
-        if partner == index:
-            second = first
-        else:
+        partner = self._partners[index]
+        second, days = first, 0
+        if partner != index:
             second = self._read(self._pairs[partner])
             check_same_size(second["s2"], first["s2"], second["key"], "dates of one patch differ")
+            days = self._days_apart(index, partner)
         fields = {f"{name}_b": second[name] for name in ("s1", "s2", "doy", "key") if name in first}
-        days = (
-            abs((self._pairs[partner].date - self._pairs[index].date).days)
-            if partner != index
-            else 0
-        )
         return {**fields, "days_apart": days}
 
     def _index_tree(self, keys: list[str]) -> list[_Pair]:
