@@ -459,16 +459,23 @@ class Trainer:
         masks = sample_masks(cfg, N_GLOBAL_CROPS * self.global_batch_size, generator, global_rows)
         if masks is not None:
             masks = masks.to(device)
+        from_second = crops.get("local_from_second")
+
+        def per_view(name: str) -> tuple[Tensor, Tensor | None]:
+            """A per-sample field for each global and local view (crop-major), taken from the
+            view's date: the second global crop and, where drawn, local crops are the 2nd date."""
+            first = batch[name]
+            second = batch.get(f"{name}_b", first)
+            local = first.repeat(n_local) if n_local else None
+            if local is not None and from_second is not None:
+                local = torch.where(from_second, second.repeat(n_local), local)
+            return torch.cat([first, second]), local
+
         global_doy = local_doy = None
         if self.uses_time:
-            doy = batch["doy"].to(device, non_blocking=True)
-            doy_b = batch["doy_b"].to(device, non_blocking=True) if seasonal else doy
-            global_doy = torch.cat([doy, doy_b])  # crop-major: the second crop is the 2nd date
-            if n_local:
-                local_doy = doy.repeat(n_local)
-                if "local_from_second" in crops:
-                    chosen = crops["local_from_second"].to(device)
-                    local_doy = torch.where(chosen, doy_b.repeat(n_local), local_doy)
+            global_doy, local_doy = per_view("doy")
+            global_doy = global_doy.to(device, non_blocking=True)
+            local_doy = None if local_doy is None else local_doy.to(device, non_blocking=True)
 
         def presence(n_views: int, rows: Tensor, clear: Tensor | None) -> dict[str, Tensor] | None:
             present = sample_modality_presence(
@@ -486,20 +493,15 @@ class Trainer:
             else:
                 present = {name: flags[rows] for name, flags in present.items()}
             if clear is not None:  # train.clouds.policy=sar_only: a cloudy view shows S1 alone
-                present["s2"] = present["s2"] & clear.cpu()
-                present["s1"] = present["s1"] | ~clear.cpu()  # never neither modality
+                present["s2"] = present["s2"] & clear
+                present["s1"] = present["s1"] | ~clear  # never neither modality
             return {name: flags.to(device) for name, flags in present.items()}
 
         global_clear = local_clear = None  # per student view: its date is not cloudy
         if "cloudy" in batch:
-            clear = ~batch["cloudy"].bool()
-            clear_b = ~batch["cloudy_b"].bool() if "cloudy_b" in batch else clear
-            global_clear = torch.cat([clear, clear_b])  # crop-major, as the crops
-            if n_local:
-                local_clear = clear.repeat(n_local)
-                if "local_from_second" in crops:
-                    chosen = crops["local_from_second"].cpu()
-                    local_clear = torch.where(chosen, clear_b.repeat(n_local), local_clear)
+            global_cloudy, local_cloudy = per_view("cloudy")
+            global_clear = ~global_cloudy.bool()
+            local_clear = None if local_cloudy is None else ~local_cloudy.bool()
 
         clouds = cfg.train.clouds
         show_sar_only = clouds.policy == "sar_only"
