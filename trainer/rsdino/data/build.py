@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from rsdino.data.bands import S2_LAYOUTS
 from rsdino.data.choices import SAMPLE_SOURCES
-from rsdino.data.cloud_scores import SCORES_KEY, read_cloud_fractions
+from rsdino.data.cloud_scores import SCORES_KEY, cloud_fractions, read_scores
 from rsdino.data.seasonal import SeasonalViews
 from rsdino.data.sources import (
     GeoTiffFolderSource,
@@ -143,16 +143,16 @@ def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: DictConfig) -> 
     """
     location = clouds.scores or f"{spec.uri.rstrip('/')}/{SCORES_KEY}"
     folder, _, name = location.rpartition("/")
-    store = open_store(folder or ".", **spec.storage)
-    if not store.exists(name):
+    try:
+        document = read_scores(open_store(folder or ".", **spec.storage), name, location)
+    except ValueError as exc:
+        raise DatasetError(f"train.clouds: {exc}; rerun `rsdino data clouds`") from exc
+    if document is None:
         raise DatasetError(
             f"train.clouds: no cloud score file at {location}; run `rsdino data clouds "
             f"{spec.uri} --split {spec.split}` first, or set train.clouds.scores"
         )
-    try:
-        fractions = read_cloud_fractions(store, name, location)
-    except ValueError as exc:
-        raise DatasetError(f"train.clouds: {exc}; rerun `rsdino data clouds`") from exc
+    fractions = cloud_fractions(document)
     unscored = [key for key in source.keys if key not in fractions]
     if unscored:
         raise DatasetError(

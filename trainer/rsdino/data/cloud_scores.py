@@ -16,10 +16,13 @@ SCORES_KEY = "clouds.json"
 SCORES_VERSION = 1
 
 
-def parse_scores(data: bytes, location: str) -> dict[str, Any]:
-    """The score document in ``data``; ValueError naming ``location`` if it is not one."""
+def read_scores(store: Store, key: str, location: str) -> dict[str, Any] | None:
+    """The score document at ``key`` of ``store``, or None when there is none; ValueError
+    naming ``location`` if the file is not a score file."""
+    if not store.exists(key):
+        return None
     try:
-        document = json.loads(data)
+        document = json.loads(store.read(key))
         valid = (
             document["version"] == SCORES_VERSION
             and isinstance(document["detector"], dict)
@@ -42,8 +45,7 @@ def scores_document(detector: dict[str, Any], scores: dict[str, dict]) -> bytes:
     return json.dumps(document, indent=1, sort_keys=True).encode("utf-8")
 
 
-def read_cloud_fractions(store: Store, key: str, location: str) -> dict[str, float]:
-    """S2 key -> cloud fraction from the score file ``key`` of ``store``."""
-    document = parse_scores(store.read(key), location)
+def cloud_fractions(document: dict[str, Any]) -> dict[str, float]:
+    """S2 key -> cloud fraction of a score document."""
     acquisitions = document["acquisitions"]
     return {name: float(score["cloud_fraction"]) for name, score in acquisitions.items()}

@@ -10,9 +10,10 @@ settings are kept, and progress is saved every few batches.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,9 @@ import numpy as np
 from rsdino.config.loader import ConfigError
 from rsdino.data.band_tables import S2_BANDS_SEN12MS
 from rsdino.data.build import SourceSpec, open_source
-from rsdino.data.cloud_scores import SCORES_KEY, parse_scores, scores_document
+from rsdino.data.cloud_scores import SCORES_KEY, read_scores, scores_document
 from rsdino.data.destination import check_output_folder
+from rsdino.data.read_ahead import ordered_map
 from rsdino.data.sources.decode import DataError, check_band_count, decode_geotiff
 from rsdino.data.storage import Store, open_store
 from rsdino.errors import RsdinoError
@@ -117,10 +119,8 @@ def _load_tile(read: Callable[[str], bytes], key: str) -> np.ndarray | DataError
 
 def _read_scores(store: Store, location: str) -> dict[str, Any] | None:
     """The existing score file, or None; anything else under its name stops the command."""
-    if not store.exists(SCORES_KEY):
-        return None
     try:
-        return parse_scores(store.read(SCORES_KEY), location)
+        return read_scores(store, SCORES_KEY, location)
     except ValueError as exc:
         raise OutputDirError(f"{exc}; move it away or pass another --out") from exc
 
@@ -198,18 +198,22 @@ def run_clouds(args: argparse.Namespace) -> int:
     scores = _kept_scores(existing, settings, location)
     pending = [key for key in keys if key not in scores]
     read = spec.open_store().read
+
+    def load(key: str) -> tuple[str, np.ndarray | DataError]:
+        return key, _load_tile(read, key)
+
+    # Threads read ahead across batch boundaries while the detector scores the current batch.
+    tiles = (
+        ordered_map(load, pending, args.workers, "rsdino-clouds")
+        if args.workers
+        else (load(key) for key in pending)
+    )
     bad: dict[str, str] = {}
     scored = unsaved = 0
-    with ThreadPoolExecutor(max_workers=max(args.workers, 1)) as pool:
-        for start in range(0, len(pending), args.batch):
-            batch = pending[start : start + args.batch]
-            loaded = (
-                pool.map(lambda key: _load_tile(read, key), batch)
-                if args.workers
-                else (_load_tile(read, key) for key in batch)
-            )
+    with contextlib.closing(tiles):  # a failure stops the reading threads too
+        while batch := list(itertools.islice(tiles, args.batch)):
             good: dict[str, np.ndarray] = {}
-            for key, tile in zip(batch, loaded, strict=True):
+            for key, tile in batch:
                 if isinstance(tile, DataError):
                     if args.on_error == "fail":
                         raise tile
