@@ -148,8 +148,8 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
 def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Return the validated, read-only config for a run."""
     cfg = OmegaConf.structured(RootConfig)
-    default_path = _config_dir() / "default.yaml"
-    cfg = _merge(cfg, _load_yaml(default_path), "default.yaml")
+    defaults = _load_yaml(_config_dir() / "default.yaml")
+    cfg = _merge(cfg, defaults, "default.yaml")
     if preset:
         for name, path, layer in _preset_chain(preset):
             cfg = _merge(cfg, layer, f"preset '{name}' ({path})")
@@ -160,7 +160,7 @@ def load_config(preset: str | None = None, overrides: Sequence[str] = ()) -> Dic
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config keys without a value: {', '.join(missing)}")
-    problems = validate_config(cfg)
+    problems = validate_config(cfg, defaults)
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     OmegaConf.set_readonly(cfg, True)

@@ -7,8 +7,6 @@ of after the model is built or, worse, hours into a run.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -340,27 +338,23 @@ MODE_KEYS: tuple[tuple[str, Callable[[DictConfig], bool], tuple[str, ...]], ...]
 )
 
 
-@cache
-def _defaults() -> DictConfig:
-    return OmegaConf.load(Path(__file__).with_name("default.yaml"))
-
-
-def _validate_applicable(problems: list[str], cfg: DictConfig) -> None:
+def _validate_applicable(problems: list[str], cfg: DictConfig, defaults: DictConfig) -> None:
     """A key the chosen mode does not read must keep its default, or the user thinks it works."""
     for mode, active, keys in MODE_KEYS:
         if active(cfg):
             continue
         for key in keys:
             value = OmegaConf.select(cfg, key)
-            if value != OmegaConf.select(_defaults(), key):
+            if value != OmegaConf.select(defaults, key):
                 problems.append(
                     f"{key}={value!r} applies only with {mode}, which this config does not "
                     "set; remove the key or set that mode"
                 )
 
 
-def validate_config(cfg: DictConfig) -> list[str]:
-    """Return human-readable problems; an empty list means the config is usable."""
+def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
+    """Return human-readable problems; an empty list means the config is usable. ``defaults``
+    is the ``default.yaml`` layer the config was built on (keys of other modes must keep it)."""
     problems: list[str] = []
     train, student, crops, optim = cfg.train, cfg.student, cfg.crops, cfg.optim
 
@@ -369,7 +363,7 @@ def validate_config(cfg: DictConfig) -> list[str]:
     _validate_evaluation(problems, cfg)
     _validate_clouds(problems, cfg)
     _validate_seasonal_views(problems, cfg)
-    _validate_applicable(problems, cfg)
+    _validate_applicable(problems, cfg, defaults)
     _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
     s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"
     s2_chans = student.in_chans_s2 if train.multimodal else student.in_chans
