@@ -57,7 +57,8 @@ def shard_requests(root: Path, seasonal: bool, epochs: int = EPOCHS) -> float:
     ahead, so the last reads may still be in flight at the end: over several epochs they
     change the figure by well under 1%."""
     store = LocalStore(str(root))
-    stream = ShardStream(store, batch_size=8, rank=0, world_size=1, seed=0, seasonal=seasonal)
+    window = (WINDOW.min_days_apart, WINDOW.max_days_apart) if seasonal else None
+    stream = ShardStream(store, batch_size=8, rank=0, world_size=1, seed=0, seasonal=window)
     wanted = epochs * (stream.samples_per_epoch // 8) * 8
     before = gets(store)  # the manifest and shard indexes were read when the stream opened
     served = 0

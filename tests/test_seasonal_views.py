@@ -276,7 +276,7 @@ def test_packed_samples_carry_the_second_date_the_source_would_serve(
     source.enable_seasonal_views(SeasonalViews(30, 120, seed=3))  # the pack's --seed
     expected = {source[i]["key"]: source[i] for i in range(len(source))}
     stream = ShardStream(
-        open_store(str(seasonal)), batch_size=4, rank=0, world_size=1, seed=0, seasonal=True
+        open_store(str(seasonal)), batch_size=4, rank=0, world_size=1, seed=0, seasonal=(30, 120)
     )
     batch = next(iter(stream))
     for row, key in enumerate(batch["key"]):

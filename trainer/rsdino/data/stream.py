@@ -66,10 +66,10 @@ class ShardStream(IterableDataset):
 
     ``start_position`` is a global sample position; a job saves ``position_after(steps)`` and a
     resumed job passes it back, whatever the new world size. ``modalities`` limits which of the
-    packed modalities are decoded (default: all); ``seasonal`` serves the second dates that a
-    seasonal pack stores with each sample (``*_b``, ``days_apart``). The chunks of the next
-    ``read_ahead`` batches are read and decoded in background threads while the current batch is
-    being used. Use it with
+    packed modalities are decoded (default: all); ``seasonal=(min, max)`` serves the second
+    dates that a pack made with that window stores with each sample (``*_b``, ``days_apart``).
+    The chunks of the next ``read_ahead`` batches are read and decoded in background threads
+    while the current batch is being used. Use it with
     ``DataLoader(stream, batch_size=None, num_workers=n)``: worker w of n produces this stream's
     batches w, w + n, ..., which the DataLoader's round robin over workers puts back in order.
     """
@@ -85,7 +85,7 @@ class ShardStream(IterableDataset):
         start_position: int = 0,
         modalities: Collection[str] | None = None,
         read_ahead: int = 4,
-        seasonal: bool = False,
+        seasonal: tuple[int, int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -106,23 +106,36 @@ class ShardStream(IterableDataset):
         self.read_ahead = read_ahead
         self.manifest = read_manifest(store)
         self.modalities = self._check_modalities(modalities)
-        if seasonal and "seasonal" not in self.manifest:
-            raise RsdinoError(
-                f"the shards at {store.uri} were packed without seasonal views; repack with "
-                "`rsdino data pack SRC DST --seasonal-days MIN:MAX` or train without them"
-            )
-        self.seasonal = seasonal
-        unwanted = set(self.manifest["modalities"]) - set(self.modalities)
-        if not seasonal:  # a seasonal pack's second dates stay on disk
-            unwanted |= {f"{name}_b" for name in self.manifest["modalities"]}
-        unwanted |= {f"{name}_b" for name in unwanted}
-        self._arrays = set(self.manifest["arrays"]) - unwanted
+        self.seasonal = seasonal is not None
+        if seasonal is not None:
+            self._check_seasonal_window(seasonal)
+        packed = self.manifest["modalities"]
+        unwanted = set(packed) - set(self.modalities)
+        # Without seasonal views a seasonal pack's second dates stay on disk.
+        second_dates = {f"{name}_b" for name in (unwanted if self.seasonal else packed)}
+        self._arrays = set(self.manifest["arrays"]) - unwanted - second_dates
         self._chunks = self._chunk_table(read_shard_indexes(store, self.manifest))
         self._chunk_sizes = np.array([chunk.size for chunk in self._chunks], dtype=np.int64)
         self.samples_per_epoch = int(self._chunk_sizes.sum())
         if self.samples_per_epoch == 0:
             raise RsdinoError(f"the packed dataset at {store.uri} holds no samples; repack it")
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _check_seasonal_window(self, window: tuple[int, int]) -> None:
+        """Seasonal views need a pack made with ``--seasonal-days`` of the same window."""
+        packed = self.manifest.get("seasonal")
+        if packed is None:
+            raise RsdinoError(
+                f"the shards at {self.store.uri} were packed without seasonal views; repack with "
+                "`rsdino data pack SRC DST --seasonal-days MIN:MAX` or train without them"
+            )
+        packed_window = (packed["min_days_apart"], packed["max_days_apart"])
+        if packed_window != tuple(window):
+            raise RsdinoError(
+                f"the shards at {self.store.uri} hold second dates "
+                f"{packed_window[0]}-{packed_window[1]} days apart, not train.views.seasonal's "
+                f"{window[0]}-{window[1]}; set those keys to match or repack with --seasonal-days"
+            )
 
     def _check_modalities(self, modalities: Collection[str] | None) -> list[str]:
         packed = self.manifest["modalities"]

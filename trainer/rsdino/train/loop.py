@@ -218,6 +218,7 @@ def describe_data(cfg: DictConfig, dataset: object) -> str:
 
 def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) -> ShardStream:
     """Packed shards (``rsdino data pack``), checked against the configured band layout."""
+    seasonal = cfg.train.views.seasonal
     stream = ShardStream(
         SourceSpec.from_config(cfg).open_store(),
         batch_size=cfg.train.batch_size_per_gpu,
@@ -226,20 +227,8 @@ def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) ->
         seed=cfg.train.seed,
         start_position=start_position,
         modalities=modalities(cfg),
-        seasonal=cfg.train.views.seasonal.enabled,
+        seasonal=(seasonal.min_days_apart, seasonal.max_days_apart) if seasonal.enabled else None,
     )
-    seasonal = cfg.train.views.seasonal
-    packed = stream.manifest.get("seasonal")
-    if seasonal.enabled and (packed["min_days_apart"], packed["max_days_apart"]) != (
-        seasonal.min_days_apart,
-        seasonal.max_days_apart,
-    ):
-        raise RsdinoError(
-            f"the shards at {cfg.train.dataset.uri} hold second dates "
-            f"{packed['min_days_apart']}-{packed['max_days_apart']} days apart, not "
-            f"train.views.seasonal's {seasonal.min_days_apart}-{seasonal.max_days_apart}; set "
-            "those keys to match or repack with --seasonal-days"
-        )
     layout = cfg.train.dataset.s2_layout
     packed_bands = stream.manifest.get("band_layout", {}).get("s2")
     if packed_bands is not None and list(packed_bands) != list(S2_LAYOUTS[layout]):
