@@ -110,7 +110,11 @@ def build_dataset(cfg: DictConfig) -> Dataset:
     """
     dataset = cfg.train.dataset
     seasonal = cfg.train.views.seasonal
-    views = SeasonalViews(seasonal.min_days_apart, seasonal.max_days_apart, cfg.train.seed)
+    views = (
+        SeasonalViews(seasonal.min_days_apart, seasonal.max_days_apart, cfg.train.seed)
+        if seasonal.enabled
+        else None
+    )
     if dataset.source == "synthetic":
         synthetic = cfg.train.synthetic
         world = SyntheticLandCover(
@@ -120,14 +124,14 @@ def build_dataset(cfg: DictConfig) -> Dataset:
             s2_layout=dataset.s2_layout,
             seed=cfg.train.seed,
         )
-        if seasonal.enabled:
+        if views is not None:
             world.enable_seasonal_views(views)
         return world
     spec = SourceSpec.from_config(cfg)
     source = open_source(spec)
     if cfg.train.clouds.max_fraction < 1:
         drop_cloudy(source, spec, cfg.train.clouds)
-    if seasonal.enabled:
+    if views is not None:
         source.enable_seasonal_views(views)  # after the cloud filter: partners are clear ones
     return SkipBadSamples(source)
 

@@ -43,23 +43,20 @@ def _seasonal_views(args: argparse.Namespace) -> SeasonalViews | None:
         raise ConfigError(
             f"--seasonal-days needs dated time series (--source sen12ms), not {args.source}"
         )
-    low, sep, high = args.seasonal_days.partition(":")
+    low, _, high = args.seasonal_days.partition(":")
     try:
-        window = (int(low), int(high)) if sep else None
-    except ValueError:
-        window = None
-    if window is None or not 0 <= window[0] <= window[1]:
+        return SeasonalViews(int(low), int(high), args.seed)
+    except ValueError as exc:
         raise ConfigError(
             f"--seasonal-days {args.seasonal_days!r} must be MIN:MAX days with 0 <= MIN <= MAX"
-        )
-    return SeasonalViews(window[0], window[1], args.seed)
+        ) from exc
 
 
 def run_pack(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    seasonal = _seasonal_views(args)
     destination = open_store(args.dst)
     check_output_folder(args.dst, "the packed shards", destination)  # before any tile is read
-    seasonal = _seasonal_views(args)
     source = open_source(spec)
     if seasonal is not None:
         source.enable_seasonal_views(seasonal)

@@ -17,3 +17,10 @@ class SeasonalViews:
     min_days_apart: int
     max_days_apart: int
     seed: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_days_apart <= self.max_days_apart:
+            raise ValueError(
+                f"need 0 <= min_days_apart <= max_days_apart, got {self.min_days_apart} and "
+                f"{self.max_days_apart}"
+            )

@@ -263,11 +263,8 @@ class SyntheticLandCover(torch.utils.data.Dataset):
         """Serve each tile a second time, ``min_days_apart``..``max_days_apart`` days later in
         the season: the same land cover and texture, the season's spectra and backscatter, and
         that date's own illumination, haze and noise (``*_b`` fields, ``days_apart``)."""
-        if views.min_days_apart < 1 or views.max_days_apart < views.min_days_apart:
-            raise ValueError(
-                f"need 1 <= min_days_apart <= max_days_apart, got {views.min_days_apart} and "
-                f"{views.max_days_apart}"
-            )
+        if views.min_days_apart < 1:  # a second date the same day would be the first again
+            raise ValueError(f"need min_days_apart >= 1, got {views.min_days_apart}")
         self.seasonal = views
 
     @property

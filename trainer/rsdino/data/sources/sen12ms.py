@@ -184,11 +184,6 @@ class Sen12MSSource(Dataset):
         Each partner is drawn once here from ``(views.seed, index)``: the same for every epoch,
         rank and loader worker, and no draw per sample read.
         """
-        if views.min_days_apart < 0 or views.max_days_apart < views.min_days_apart:
-            raise ValueError(
-                f"need 0 <= min_days_apart <= max_days_apart, got {views.min_days_apart} and "
-                f"{views.max_days_apart}"
-            )
         series: dict[tuple[str, str, int], list[int]] = {}
         for index, pair in enumerate(self._pairs):
             if pair.patch is not None and pair.date is not None:
