@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from rsdino.data.batch_share import BatchShare
 from rsdino.data.collate import collate_samples
 from rsdino.data.pack import pack_dataset
 from rsdino.data.shards import decode_chunk, read_manifest, read_shard_indexes
@@ -227,7 +228,7 @@ def measure_loader(
 def measure_packed(
     store: Store, storage: str, workers: int, args: argparse.Namespace
 ) -> LoaderFigures:
-    stream = ShardStream(store, batch_size=args.batch_size, rank=0, world_size=1, seed=0)
+    stream = ShardStream(store, share=BatchShare(args.batch_size), seed=0)
     loader = DataLoader(stream, batch_size=None, num_workers=workers)
     measured = math.ceil(args.epochs * stream.samples_per_epoch / args.batch_size)
     return measure_loader(loader, max(1, workers), measured, ("packed shards", storage, workers))

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rsdino.data.batch_share import BatchShare
 from rsdino.data.pack import pack_dataset
 from rsdino.data.seasonal import SeasonalViews
 from rsdino.data.sources import Sen12MSSource, store_access
@@ -58,7 +59,7 @@ def shard_requests(root: Path, seasonal: bool, epochs: int = EPOCHS) -> float:
     change the figure by well under 1%."""
     store = LocalStore(str(root))
     window = (WINDOW.min_days_apart, WINDOW.max_days_apart) if seasonal else None
-    stream = ShardStream(store, batch_size=8, rank=0, world_size=1, seed=0, seasonal=window)
+    stream = ShardStream(store, share=BatchShare(8), seed=0, seasonal=window)
     wanted = epochs * (stream.samples_per_epoch // 8) * 8
     before = gets(store)  # the manifest and shard indexes were read when the stream opened
     served = 0

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rsdino.data.augment import MultiCropAugment, crop_affine, gaussian_blur, sample_crop_boxes
+from rsdino.data.batch_share import BatchShare
 
 NO_PHOTOMETRY = {
     "brightness": 0.0,
@@ -250,9 +251,11 @@ def test_split_batch_draws_the_same_crops_as_the_whole_batch() -> None:
     whole = augment(images, torch.Generator().manual_seed(5))
     halves = [
         augment(
-            {"s2": images["s2"][start : start + 2]}, torch.Generator().manual_seed(5), (start, 4)
+            {"s2": images["s2"][rank * 2 : rank * 2 + 2]},
+            torch.Generator().manual_seed(5),
+            BatchShare(2, rank, 2),
         )
-        for start in (0, 2)
+        for rank in (0, 1)
     ]
     for kind, n_views in (("global_crops", 2), ("local_crops", 2)):
         expected = whole[kind]["s2"].view(n_views, 4, *whole[kind]["s2"].shape[1:])

@@ -6,6 +6,7 @@ from itertools import islice
 
 import pytest
 
+from rsdino.data.batch_share import BatchShare
 from rsdino.data.sampler import ResumableShuffleSampler
 
 
@@ -41,11 +42,7 @@ def test_ranks_split_each_global_batch_and_resume_on_another_world_size() -> Non
     batch = 2
     single = list(islice(iter(ResumableShuffleSampler(20, seed=4)), 30))
     two = [
-        list(
-            islice(
-                iter(ResumableShuffleSampler(20, seed=4, batch_size=batch, rank=r, world_size=2)), 6
-            )
-        )
+        list(islice(iter(ResumableShuffleSampler(20, seed=4, share=BatchShare(batch, r, 2))), 6))
         for r in range(2)
     ]
     first = [i for k in range(3) for r in range(2) for i in two[r][k * batch : (k + 1) * batch]]
@@ -55,7 +52,7 @@ def test_ranks_split_each_global_batch_and_resume_on_another_world_size() -> Non
             islice(
                 iter(
                     ResumableShuffleSampler(
-                        20, seed=4, start_position=12, batch_size=batch, rank=r, world_size=3
+                        20, seed=4, start_position=12, share=BatchShare(batch, r, 3)
                     )
                 ),
                 batch * 3,

@@ -24,6 +24,7 @@ from source_fixtures import SERIES_DATES, write_sen12ms_time_series
 from rsdino.cli import main
 from rsdino.config.loader import ConfigError, load_config
 from rsdino.data.augment import MultiCropAugment
+from rsdino.data.batch_share import BatchShare
 from rsdino.data.build import build_dataset
 from rsdino.data.seasonal import SeasonalViews
 from rsdino.data.sources import Sen12MSSource, store_access
@@ -275,9 +276,7 @@ def test_packed_samples_carry_the_second_date_the_source_would_serve(
     source = Sen12MSSource(*store_access(open_store(str(series))))
     source.enable_seasonal_views(SeasonalViews(30, 120, seed=3))  # the pack's --seed
     expected = {source[i]["key"]: source[i] for i in range(len(source))}
-    stream = ShardStream(
-        open_store(str(seasonal)), batch_size=4, rank=0, world_size=1, seed=0, seasonal=(30, 120)
-    )
+    stream = ShardStream(open_store(str(seasonal)), share=BatchShare(4), seed=0, seasonal=(30, 120))
     batch = next(iter(stream))
     for row, key in enumerate(batch["key"]):
         want = expected[key]
@@ -286,9 +285,7 @@ def test_packed_samples_carry_the_second_date_the_source_would_serve(
         )
         assert np.array_equal(batch["s2_b"][row].numpy(), want["s2_b"])
         assert np.array_equal(batch["s1_b"][row].numpy(), want["s1_b"])
-    single_view = next(
-        iter(ShardStream(open_store(str(seasonal)), batch_size=4, rank=0, world_size=1, seed=0))
-    )
+    single_view = next(iter(ShardStream(open_store(str(seasonal)), share=BatchShare(4), seed=0)))
     assert sorted(single_view) == ["doy", "key", "label", "s1", "s2"]  # second dates stay on disk
 
 

@@ -14,6 +14,7 @@ import torch
 from s3_server import FaultyProxy
 from torch.utils.data import DataLoader
 
+from rsdino.data.batch_share import BatchShare
 from rsdino.data.pack import pack_dataset
 from rsdino.data.storage import LocalStore, S3Store
 from rsdino.data.stream import ShardStream
@@ -56,9 +57,11 @@ def chunk_ranges(root: Path) -> dict[str, tuple[str, int, int]]:
     return located
 
 
-def rank_streams(store: LocalStore, world_size: int, **kwargs: object) -> list[ShardStream]:
+def rank_streams(
+    store: LocalStore, world_size: int, batch_size: int, **kwargs: object
+) -> list[ShardStream]:
     return [
-        ShardStream(store, rank=rank, world_size=world_size, seed=SEED, **kwargs)
+        ShardStream(store, share=BatchShare(batch_size, rank, world_size), seed=SEED, **kwargs)
         for rank in range(world_size)
     ]
 
@@ -119,9 +122,7 @@ def test_one_rank_reads_what_two_ranks_read_together(packed: Path) -> None:
 
 
 def test_dataloader_workers_keep_the_batch_order(packed: Path) -> None:
-    stream = ShardStream(
-        LocalStore(packed), batch_size=3, rank=1, world_size=2, seed=SEED, start_position=6
-    )
+    stream = ShardStream(LocalStore(packed), share=BatchShare(3, 1, 2), seed=SEED, start_position=6)
     inline = list(islice(DataLoader(stream, batch_size=None, num_workers=0), 9))
     workers = list(islice(DataLoader(stream, batch_size=None, num_workers=2), 9))
     assert [batch["key"] for batch in workers] == [batch["key"] for batch in inline]
@@ -146,7 +147,7 @@ class RecordingStore(LocalStore):
 
 def test_each_chunk_is_read_once_with_one_range_request(packed: Path) -> None:
     store = RecordingStore(packed)
-    stream = ShardStream(store, batch_size=5, rank=0, world_size=1, seed=SEED, read_ahead=1)
+    stream = ShardStream(store, share=BatchShare(5), seed=SEED, read_ahead=1)
     batches = iter(stream)
     keys = [key for batch in islice(batches, 10) for key in batch["key"]]
     batches.close()
@@ -168,7 +169,7 @@ def test_a_damaged_chunk_is_retried_once_then_named(packed: Path, tmp_path: Path
     damaged.write_bytes(bytes(data))
 
     store = RecordingStore(root)
-    stream = ShardStream(store, batch_size=50, rank=0, world_size=1, seed=SEED)
+    stream = ShardStream(store, share=BatchShare(50), seed=SEED)
     with pytest.raises(RsdinoError, match=r"shard shard-000001 .* damaged.*rsdino data pack"):
         next(iter(stream))
     first_chunk = min(span for span in chunk_ranges(root).values() if "000001" in span[0])
@@ -177,14 +178,10 @@ def test_a_damaged_chunk_is_retried_once_then_named(packed: Path, tmp_path: Path
 
 def test_missing_dataset_and_modalities_are_clear_errors(packed: Path, tmp_path: Path) -> None:
     with pytest.raises(RsdinoError, match=r"manifest\.json is missing.*rsdino data pack SRC DST"):
-        ShardStream(LocalStore(tmp_path), batch_size=2, rank=0, world_size=1, seed=0)
+        ShardStream(LocalStore(tmp_path), share=BatchShare(2), seed=0)
     with pytest.raises(RsdinoError, match=r"not.*'sar'"):
-        ShardStream(
-            LocalStore(packed), batch_size=2, rank=0, world_size=1, seed=0, modalities=["sar"]
-        )
-    optical = ShardStream(
-        LocalStore(packed), batch_size=2, rank=0, world_size=1, seed=0, modalities=["s2"]
-    )
+        ShardStream(LocalStore(packed), share=BatchShare(2), seed=0, modalities=["sar"])
+    optical = ShardStream(LocalStore(packed), share=BatchShare(2), seed=0, modalities=["s2"])
     assert set(next(iter(optical))) == {"s2", "landcover", "key", "doy", "label"}
 
 
@@ -202,7 +199,7 @@ def test_pack_to_s3_and_stream_through_a_faulty_proxy(bucket: str, s3_env: str) 
     schedule = [None, "503", None, None, "drop", None, "truncate"]
     with FaultyProxy(s3_env, schedule) as proxy:
         store = S3Store(bucket, "packed", endpoint_url=proxy.url, path_style=True, base_delay=0.001)
-        stream = ShardStream(store, batch_size=5, rank=0, world_size=1, seed=SEED)
+        stream = ShardStream(store, share=BatchShare(5), seed=SEED)
         keys = global_keys([stream], 10)
     assert sorted(keys) == ALL_KEYS
     assert proxy.injected["503"] > 0 and proxy.injected["drop"] > 0

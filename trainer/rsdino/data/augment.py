@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rsdino.data.batch_share import BatchShare
+
 _CROP_ATTEMPTS = 10  # as RandomResizedCrop: tries before falling back to a whole-image crop
 
 # Quarter turn k (counter-clockwise, as torch.rot90 over the last two dims) as a 2x2 matrix acting
@@ -217,14 +219,14 @@ class MultiCropAugment:
         self,
         images: dict[str, torch.Tensor],
         generator: torch.Generator,
-        rows: tuple[int, int] | None = None,
+        share: BatchShare | None = None,
         second: dict[str, torch.Tensor] | None = None,
         locals_from_either: bool = False,
     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Views of the batch; ``rows=(start, total)``: it is rows start.. of a larger batch.
+        """Views of the batch; with ``share`` it is one rank's share of a global batch.
 
-        With ``rows``, every random draw is made for all ``total`` rows and the batch takes its
-        slice: the crops of a sample then do not depend on how a global batch is split across
+        Every random draw is then made for the whole global batch and the rank takes its
+        samples: the crops of a sample do not depend on how a global batch is split across
         processes (one process with 2B samples draws what two processes with B samples each do).
 
         ``second`` (seasonal views) holds another date of each sample: the second global crop is
@@ -232,9 +234,9 @@ class MultiCropAugment:
         date (drawn; ``"local_from_second"`` says which). Without it the draws are today's.
         """
         batch = _check_images(images)[0]
-        rows = rows or (0, batch)
-        if not 0 <= rows[0] <= rows[0] + batch <= rows[1]:
-            raise ValueError(f"rows {rows} do not hold a batch of {batch}")
+        share = share or BatchShare(batch)
+        if share.batch_size != batch:
+            raise ValueError(f"a share of {share.batch_size} samples, but {batch} images")
         if second is not None and (
             second.keys() != images.keys() or _check_images(second) != _check_images(images)
         ):
@@ -242,7 +244,7 @@ class MultiCropAugment:
         sources = [images, images if second is None else second]
         global_views = [
             self._view(
-                source, self.global_crops_size, self.global_crops_scale, prob, generator, rows
+                source, self.global_crops_size, self.global_crops_scale, prob, generator, share
             )
             for source, prob in zip(sources, self.blur_prob_global, strict=True)
         ]
@@ -250,8 +252,7 @@ class MultiCropAugment:
         for _ in range(self.local_crops_number):
             source = images
             if second is not None and locals_from_either:
-                start, total = rows
-                chosen = (torch.rand(total, generator=generator) < 0.5)[start : start + batch]
+                chosen = (torch.rand(share.global_batch, generator=generator) < 0.5)[share.samples]
                 source = _either(images, second, chosen)
                 from_second.append(chosen)
             local_views.append(
@@ -261,7 +262,7 @@ class MultiCropAugment:
                     self.local_crops_scale,
                     self.blur_prob_local,
                     generator,
-                    rows,
+                    share,
                 )
             )
         views = {
@@ -291,13 +292,12 @@ class MultiCropAugment:
         scale: tuple[float, float],
         blur_prob: float,
         generator: torch.Generator,
-        rows: tuple[int, int],
+        share: BatchShare,
     ) -> dict[str, torch.Tensor]:
         """One view of every sample: shared geometry, then per-modality photometry."""
         reference = next(iter(images.values()))
         batch, _, height, width = reference.shape
-        start, total = rows
-        mine = slice(start, start + batch)
+        total, mine = share.global_batch, share.samples
         center, half_size = sample_crop_boxes(total, height, width, scale, self.ratio, generator)
         hflip = torch.rand(total, generator=generator) < self.flip_prob
         vflip = torch.rand(total, generator=generator) < self.flip_prob
@@ -315,7 +315,7 @@ class MultiCropAugment:
                 padding_mode="border",
                 align_corners=False,
             )
-            view[name] = self._photometric(crops, blur_prob, generator, rows)
+            view[name] = self._photometric(crops, blur_prob, generator, share)
         return view
 
     def _photometric(
@@ -323,12 +323,11 @@ class MultiCropAugment:
         crops: torch.Tensor,
         blur_prob: float,
         generator: torch.Generator,
-        rows: tuple[int, int],
+        share: BatchShare,
     ) -> torch.Tensor:
         """Per-band gain, contrast around each band's mean, additive brightness, optional blur."""
-        batch, channels = crops.shape[:2]
-        start, total = rows
-        mine = slice(start, start + batch)
+        channels = crops.shape[1]
+        total, mine = share.global_batch, share.samples
         band_gain = _uniform(
             (total, channels), 1.0 - self.band_jitter, 1.0 + self.band_jitter, generator
         )[mine]

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from rsdino.data.batch_share import BatchShare
+
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of one epoch; identical in every process that asks."""
@@ -36,34 +38,24 @@ class ResumableShuffleSampler(Sampler[int]):
         num_samples: int,
         seed: int,
         start_position: int = 0,
-        *,
-        batch_size: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
+        share: BatchShare | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError("the dataset is empty: nothing to sample")
         if start_position < 0:
             raise ValueError(f"start_position must be >= 0, got {start_position}")
-        if not 0 <= rank < world_size or batch_size < 1:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {rank}")
         self.num_samples = num_samples
         self.seed = seed
         self.start_position = start_position
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
+        self.share = share or BatchShare(batch_size=1)  # one rank, one sample per batch
 
     def __iter__(self) -> Iterator[int]:
         stream = global_stream(self.num_samples, self.seed, self.start_position)
-        before, after = (
-            self.rank * self.batch_size,
-            (self.world_size - self.rank - 1) * self.batch_size,
-        )
+        share = self.share
         while True:
-            for _ in range(before):
+            for _ in range(share.start):
                 next(stream)
-            for _ in range(self.batch_size):
+            for _ in range(share.batch_size):
                 yield next(stream)
-            for _ in range(after):
+            for _ in range(share.after):
                 next(stream)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from rsdino.data.batch_share import BatchShare
 from rsdino.data.collate import collate_samples
 from rsdino.data.shards import (
     decode_chunk,
@@ -78,19 +79,13 @@ class ShardStream(IterableDataset):
         self,
         store: Store,
         *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
+        share: BatchShare,
         seed: int,
         start_position: int = 0,
         modalities: Collection[str] | None = None,
         read_ahead: int = 4,
         seasonal: tuple[int, int] | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if start_position < 0:
@@ -98,9 +93,7 @@ class ShardStream(IterableDataset):
         if read_ahead < 1:
             raise ValueError(f"read_ahead must be >= 1, got {read_ahead}")
         self.store = store
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
+        self.share = share
         self.seed = seed
         self.start_position = start_position
         self.read_ahead = read_ahead
@@ -166,7 +159,7 @@ class ShardStream(IterableDataset):
         For a job that started at position 0 on one world size this is step * B * W; after a
         resume on another world size, save this value rather than recomputing step * B * W.
         """
-        return self.start_position + batches * self.batch_size * self.world_size
+        return self.start_position + batches * self.share.global_batch
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Epoch ``epoch``'s chunk order and the position (within the epoch) where each ends."""
@@ -182,15 +175,15 @@ class ShardStream(IterableDataset):
 
     def _batch_plan(self, batch: int) -> Plan:
         """The samples of this rank's part of global batch ``batch`` (counted from the start)."""
-        position = self.position_after(batch) + self.rank * self.batch_size
+        position = self.share.first_position(batch, self.start_position)
         plan: Plan = []
-        while len(plan) < self.batch_size:
+        while len(plan) < self.share.batch_size:
             epoch, offset = divmod(position, self.samples_per_epoch)
             order, ends = self._epoch_layout(epoch)
             slot = int(np.searchsorted(ends, offset, side="right"))
             chunk_id = int(order[slot])
             first = offset - int(ends[slot] - self._chunk_sizes[chunk_id])
-            count = min(self.batch_size - len(plan), int(ends[slot]) - offset)
+            count = min(self.share.batch_size - len(plan), int(ends[slot]) - offset)
             picked = self._sample_order(epoch, chunk_id)[first : first + count]
             plan.extend((chunk_id, int(record)) for record in picked)
             position += count

@@ -20,6 +20,7 @@ from rsdino import __version__
 from rsdino.config.loader import config_to_yaml
 from rsdino.data.augment import MultiCropAugment
 from rsdino.data.bands import S2_LAYOUTS, BandNormalizer
+from rsdino.data.batch_share import BatchShare
 from rsdino.data.build import SourceSpec, build_dataset, cloudy_left_out, cloudy_marked
 from rsdino.data.masking import IBotMasks, sample_ibot_masks
 from rsdino.data.modality_dropout import sample_modality_presence
@@ -168,9 +169,7 @@ def make_loader(cfg: DictConfig, start_position: int, ctx: DistContext) -> DataL
         len(dataset),
         seed=cfg.train.seed,
         start_position=start_position,
-        batch_size=batch_size,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
+        share=rank_share(cfg, ctx),
     )
     return DataLoader(
         dataset,
@@ -221,9 +220,7 @@ def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) ->
     seasonal = cfg.train.views.seasonal
     stream = ShardStream(
         SourceSpec.from_config(cfg).open_store(),
-        batch_size=cfg.train.batch_size_per_gpu,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
+        share=rank_share(cfg, ctx),
         seed=cfg.train.seed,
         start_position=start_position,
         modalities=modalities(cfg),
@@ -256,11 +253,9 @@ def sample_masks(
     )
 
 
-def rank_rows(n_views: int, batch_size: int, world_size: int, rank: int) -> Tensor:
-    """Rows of a crop-major global batch (view-major blocks of B*W) that belong to ``rank``."""
-    global_batch = batch_size * world_size
-    mine = torch.arange(rank * batch_size, (rank + 1) * batch_size)
-    return torch.cat([view * global_batch + mine for view in range(n_views)])
+def rank_share(cfg: DictConfig, ctx: DistContext) -> BatchShare:
+    """This rank's rows of every global batch, for the data and for every per-sample draw."""
+    return BatchShare(cfg.train.batch_size_per_gpu, ctx.rank, ctx.world_size)
 
 
 def _clip_gradients(model: SSLMetaArch, max_norm: float) -> None:
@@ -321,8 +316,7 @@ class Trainer:
         self.paths = output_paths(output_dir)
         self.amp_dtype = resolve_precision(cfg.train.precision, self.device)
         self.seed = cfg.train.seed
-        self.batch_size = cfg.train.batch_size_per_gpu
-        self.global_batch_size = self.batch_size * self.ctx.world_size
+        self.share = rank_share(cfg, self.ctx)
         self.total_steps = total_steps(cfg)
 
         torch.manual_seed(self.seed)  # the initial weights, identical on every rank
@@ -425,7 +419,7 @@ class Trainer:
         }
         # Random draws are made for the whole global batch and sliced, so each sample gets the
         # same crops, masks and dropped modalities whatever the number of ranks.
-        ctx, batch_size = self.ctx, self.batch_size
+        share = self.share
         seasonal = "s2_b" in batch  # train.views.seasonal: a second date of every sample
         second = (
             {
@@ -438,14 +432,13 @@ class Trainer:
         crops = self.augment(
             images,
             generator,
-            rows=(ctx.rank * batch_size, self.global_batch_size),
+            share=share,
             second=second,
             locals_from_either=cfg.train.views.seasonal.locals == "any",
         )
         n_local = cfg.crops.local_crops_number
-        global_rows = rank_rows(N_GLOBAL_CROPS, batch_size, ctx.world_size, ctx.rank)
-        local_rows = rank_rows(n_local, batch_size, ctx.world_size, ctx.rank)
-        masks = sample_masks(cfg, N_GLOBAL_CROPS * self.global_batch_size, generator, global_rows)
+        global_rows, local_rows = share.view_rows(N_GLOBAL_CROPS), share.view_rows(n_local)
+        masks = sample_masks(cfg, N_GLOBAL_CROPS * share.global_batch, generator, global_rows)
         if masks is not None:
             masks = masks.to(device)
         from_second = crops.get("local_from_second")
@@ -468,7 +461,7 @@ class Trainer:
 
         def presence(n_views: int, rows: Tensor, clear: Tensor | None) -> dict[str, Tensor] | None:
             present = sample_modality_presence(
-                n_views * self.global_batch_size,
+                n_views * share.global_batch,
                 self.modalities,
                 cfg.train.modality_dropout,
                 generator,
@@ -633,7 +626,7 @@ class Trainer:
             "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
             self.ctx.world_size,
             steps,
-            self.batch_size,
+            self.share.batch_size,
             self.paths.root,
         )
         if self.start_step >= steps:
@@ -641,7 +634,7 @@ class Trainer:
             return result
 
         self.model.train()
-        reporter = ProgressReporter(self.paths.train_log, steps, self.global_batch_size)
+        reporter = ProgressReporter(self.paths.train_log, steps, self.share.global_batch)
         reporter.start(self.start_step)
         if self.ctx.is_main:
             reporter.drop_records_after(self.start_step)
@@ -677,10 +670,10 @@ class Trainer:
                 step_values = {**self.train_step(batch, step), **self._view_stats(batch)}
                 for name, value in step_values.items():
                     running[name] = running.get(name, 0.0) + value
-                self.samples_seen += self.global_batch_size
+                self.samples_seen += self.share.global_batch
                 done = step + 1
                 metrics.observe_step(
-                    done, self.batch_size, data_wait, time.perf_counter() - started
+                    done, self.share.batch_size, data_wait, time.perf_counter() - started
                 )
                 is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
                 stopping: int | None = None
