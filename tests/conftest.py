@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
 
 from rsdino.config.loader import load_config
+from rsdino.data.augment import MultiCropAugment
+from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.storage import open_store
 from rsdino.train.checkpoint import CheckpointInfo, CheckpointStore, read_tensors
 
@@ -88,3 +91,22 @@ def saved_tensors(checkpoints: Path | str, step: int, prefix: str = "model.") ->
 
 def saved_info(checkpoints: Path | str, step: int) -> CheckpointInfo:
     return CheckpointStore(open_store(str(checkpoints))).read_info(step)
+
+
+def multicrop(
+    global_crops_size: int,
+    local_crops_size: int,
+    local_crops_number: int,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    **settings: object,
+) -> MultiCropAugment:
+    """A MultiCropAugment from flat keyword settings, each sent to the config that owns it."""
+    crop_keys = {spec.name for spec in fields(CropsConfig)}
+    crops = CropsConfig(
+        global_crops_size=global_crops_size,
+        local_crops_size=local_crops_size,
+        local_crops_number=local_crops_number,
+        **{key: list(value) for key, value in settings.items() if key in crop_keys},
+    )
+    augment = AugmentConfig(**{k: v for k, v in settings.items() if k not in crop_keys})
+    return MultiCropAugment(crops, augment, ratio)

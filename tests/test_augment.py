@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import multicrop
 
-from rsdino.data.augment import MultiCropAugment, crop_affine, gaussian_blur, sample_crop_boxes
+from rsdino.data.augment import crop_affine, gaussian_blur, sample_crop_boxes
 from rsdino.data.batch_share import BatchShare
 
 NO_PHOTOMETRY = {
@@ -44,7 +45,7 @@ def test_output_shapes_and_crop_major_order() -> None:
     # Each sample is constant and equal to its index, so every crop must equal its sample index.
     s2 = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 13, 24, 24)
     s1 = s2[:, :2].clone()
-    augment = MultiCropAugment(16, 8, local_crops_number=2, **NO_PHOTOMETRY)
+    augment = multicrop(16, 8, local_crops_number=2, **NO_PHOTOMETRY)
     out = augment({"s2": s2.contiguous(), "s1": s1}, generator())
     assert out["global_crops"]["s2"].shape == (2 * batch, 13, 16, 16)
     assert out["global_crops"]["s1"].shape == (2 * batch, 2, 16, 16)
@@ -56,7 +57,7 @@ def test_output_shapes_and_crop_major_order() -> None:
 
 
 def test_no_local_crops_gives_empty_tensors() -> None:
-    augment = MultiCropAugment(8, 4, local_crops_number=0)
+    augment = multicrop(8, 4, local_crops_number=0)
     out = augment({"s1": torch.randn(2, 2, 12, 12)}, generator())
     assert out["local_crops"]["s1"].shape == (0, 2, 4, 4)
 
@@ -64,7 +65,7 @@ def test_no_local_crops_gives_empty_tensors() -> None:
 def test_modalities_share_the_geometry_of_each_view() -> None:
     size = 20
     images = {"s2": coordinate_image(4, 13, size), "s1": coordinate_image(4, 2, size)}
-    augment = MultiCropAugment(12, 6, local_crops_number=3, **NO_PHOTOMETRY)
+    augment = multicrop(12, 6, local_crops_number=3, **NO_PHOTOMETRY)
     out = augment(images, generator(7))
     for group in ("global_crops", "local_crops"):
         s2_coords = out[group]["s2"][:, :2]
@@ -76,7 +77,7 @@ def test_modalities_share_the_geometry_of_each_view() -> None:
 def test_whole_image_crop_without_flips_reproduces_the_image() -> None:
     images = torch.randn(2, 13, 16, 16, generator=generator(1))
     settings = {**WHOLE_IMAGE, **NO_PHOTOMETRY, "local_crops_scale": (1.0, 1.0)}
-    augment = MultiCropAugment(16, 16, 1, flip_prob=0.0, rotate90=False, **settings)
+    augment = multicrop(16, 16, 1, flip_prob=0.0, rotate90=False, **settings)
     out = augment({"s2": images}, generator())
     torch.testing.assert_close(out["global_crops"]["s2"], torch.cat([images, images]))
     torch.testing.assert_close(out["local_crops"]["s2"], images)
@@ -116,7 +117,7 @@ def test_crop_box_samples_its_own_pixels() -> None:
 
 def test_random_rotations_are_exact_quarter_turns() -> None:
     images = torch.randn(8, 2, 10, 10, generator=generator(2))
-    augment = MultiCropAugment(10, 10, 0, **WHOLE_IMAGE, flip_prob=0.0, **NO_PHOTOMETRY)
+    augment = multicrop(10, 10, 0, **WHOLE_IMAGE, flip_prob=0.0, **NO_PHOTOMETRY)
     crops = augment({"s1": images}, generator(3))["global_crops"]["s1"]
     turns_seen = set()
     for index, crop in enumerate(crops):
@@ -133,9 +134,7 @@ def test_random_rotations_are_exact_quarter_turns() -> None:
 
 def test_flip_probability_one_flips_both_axes() -> None:
     images = torch.randn(3, 13, 8, 8, generator=generator(4))
-    augment = MultiCropAugment(
-        8, 8, 0, **WHOLE_IMAGE, flip_prob=1.0, rotate90=False, **NO_PHOTOMETRY
-    )
+    augment = multicrop(8, 8, 0, **WHOLE_IMAGE, flip_prob=1.0, rotate90=False, **NO_PHOTOMETRY)
     crops = augment({"s2": images}, generator())["global_crops"]["s2"]
     torch.testing.assert_close(crops[:3], images.flip(-1).flip(-2))
 
@@ -160,7 +159,7 @@ def test_impossible_boxes_fall_back_to_the_largest_admissible_box() -> None:
 
 def test_same_seed_same_crops_other_seed_other_crops() -> None:
     images = {"s2": torch.randn(2, 13, 16, 16, generator=generator(5))}
-    augment = MultiCropAugment(12, 6, 2)
+    augment = multicrop(12, 6, 2)
     first = augment(images, generator(11))
     second = augment(images, generator(11))
     third = augment(images, generator(12))
@@ -172,7 +171,7 @@ def test_same_seed_same_crops_other_seed_other_crops() -> None:
 def test_brightness_shifts_each_image_by_one_constant() -> None:
     images = torch.randn(4, 13, 8, 8, generator=generator(6))
     photometry = {**NO_PHOTOMETRY, "brightness": 0.3}
-    augment = MultiCropAugment(8, 8, 0, **WHOLE_IMAGE, flip_prob=0.0, rotate90=False, **photometry)
+    augment = multicrop(8, 8, 0, **WHOLE_IMAGE, flip_prob=0.0, rotate90=False, **photometry)
     shift = augment({"s2": images}, generator())["global_crops"]["s2"][:4] - images
     per_image = shift[:, :1, :1, :1]
     torch.testing.assert_close(shift, per_image.expand_as(shift))
@@ -182,7 +181,7 @@ def test_brightness_shifts_each_image_by_one_constant() -> None:
 def test_contrast_keeps_each_band_mean() -> None:
     images = torch.randn(4, 2, 8, 8, generator=generator(8))
     photometry = {**NO_PHOTOMETRY, "contrast": 0.5}
-    augment = MultiCropAugment(8, 8, 0, **WHOLE_IMAGE, flip_prob=0.0, rotate90=False, **photometry)
+    augment = multicrop(8, 8, 0, **WHOLE_IMAGE, flip_prob=0.0, rotate90=False, **photometry)
     crops = augment({"s1": images}, generator())["global_crops"]["s1"][:4]
     torch.testing.assert_close(crops.mean(dim=(-2, -1)), images.mean(dim=(-2, -1)))
     spread_ratio = crops.std(dim=(-2, -1)) / images.std(dim=(-2, -1))
@@ -209,7 +208,7 @@ def test_gaussian_blur_matches_a_hand_computed_kernel() -> None:
 def test_blur_probability_one_blurs_every_view_zero_none() -> None:
     images = torch.randn(3, 2, 12, 12, generator=generator(9))
     settings = {**NO_PHOTOMETRY, "blur_prob_global": (1.0, 0.0), "blur_sigma": (1.5, 2.0)}
-    augment = MultiCropAugment(12, 12, 0, **WHOLE_IMAGE, flip_prob=0.0, rotate90=False, **settings)
+    augment = multicrop(12, 12, 0, **WHOLE_IMAGE, flip_prob=0.0, rotate90=False, **settings)
     crops = augment({"s1": images}, generator())["global_crops"]["s1"]
     torch.testing.assert_close(crops[3:], images)
     # Blurring smooths: neighbouring-pixel differences shrink for every image of view 0.
@@ -221,7 +220,7 @@ def test_blur_probability_one_blurs_every_view_zero_none() -> None:
 
 @pytest.mark.parametrize("channels", [13, 2])
 def test_single_modality_of_any_band_count(channels: int) -> None:
-    augment = MultiCropAugment(16, 8, 2)
+    augment = multicrop(16, 8, 2)
     out = augment({"x": torch.randn(2, channels, 20, 20)}, generator())
     assert out["global_crops"]["x"].shape == (4, channels, 16, 16)
     assert out["local_crops"]["x"].shape == (4, channels, 8, 8)
@@ -229,7 +228,7 @@ def test_single_modality_of_any_band_count(channels: int) -> None:
 
 
 def test_invalid_inputs_and_settings_raise() -> None:
-    augment = MultiCropAugment(8, 4, 1)
+    augment = multicrop(8, 4, 1)
     with pytest.raises(ValueError, match="empty"):
         augment({}, generator())
     with pytest.raises(ValueError, match="height and width"):
@@ -237,16 +236,18 @@ def test_invalid_inputs_and_settings_raise() -> None:
     with pytest.raises(ValueError, match="float"):
         augment({"s2": torch.zeros(1, 13, 8, 8, dtype=torch.uint16)}, generator())
     with pytest.raises(ValueError, match="global_crops_scale"):
-        MultiCropAugment(8, 4, 1, global_crops_scale=(0.5, 0.2))
+        multicrop(8, 4, 1, global_crops_scale=(0.5, 0.2))
     with pytest.raises(ValueError, match="local_crops_scale"):
-        MultiCropAugment(8, 4, 1, local_crops_scale=(0.1, 1.5))
-    with pytest.raises(ValueError, match="strictly positive"):
-        MultiCropAugment(8, 4, 1, local_crops_scale=(0.0, 0.3))
+        multicrop(8, 4, 1, local_crops_scale=(0.1, 1.5))
+    with pytest.raises(ValueError, match=r"crops\.local_crops_scale=\[0\.0, 0\.3\] must be"):
+        multicrop(8, 4, 1, local_crops_scale=(0.0, 0.3))
+    with pytest.raises(ValueError, match="ratio"):
+        multicrop(8, 4, 1, ratio=(0.0, 1.0))
 
 
 def test_split_batch_draws_the_same_crops_as_the_whole_batch() -> None:
     """Two processes with half a batch each produce the crops one process makes for all of it."""
-    augment = MultiCropAugment(global_crops_size=8, local_crops_size=4, local_crops_number=2)
+    augment = multicrop(global_crops_size=8, local_crops_size=4, local_crops_number=2)
     images = {"s2": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
     whole = augment(images, torch.Generator().manual_seed(5))
     halves = [

@@ -6,8 +6,8 @@ from itertools import islice
 
 import pytest
 import torch
+from conftest import multicrop
 
-from rsdino.data.augment import MultiCropAugment
 from rsdino.data.batch_share import BatchShare
 from rsdino.data.masking import sample_ibot_masks
 from rsdino.data.sampler import ResumableShuffleSampler
@@ -45,7 +45,7 @@ def test_sampler_augment_and_masks_take_the_same_rows() -> None:
         mine = list(islice(iter(ResumableShuffleSampler(50, seed=1, share=share)), 2))
         assert mine == order[share.samples]
 
-    augment = MultiCropAugment(global_crops_size=8, local_crops_size=4, local_crops_number=3)
+    augment = multicrop(global_crops_size=8, local_crops_size=4, local_crops_number=3)
     images = {"s2": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
     whole = augment(images, torch.Generator().manual_seed(7), whole_share)
     masks = sample_ibot_masks(8, (4, 4), (0.1, 0.5), 0.5, torch.Generator().manual_seed(7))
@@ -62,6 +62,6 @@ def test_sampler_augment_and_masks_take_the_same_rows() -> None:
 
 
 def test_augment_rejects_a_share_of_another_size() -> None:
-    augment = MultiCropAugment(global_crops_size=8, local_crops_size=4, local_crops_number=1)
+    augment = multicrop(global_crops_size=8, local_crops_size=4, local_crops_number=1)
     with pytest.raises(ValueError, match="share of 3 samples, but 2 images"):
         augment({"s2": torch.zeros(2, 3, 16, 16)}, torch.Generator(), BatchShare(3, 0, 2))

@@ -201,7 +201,7 @@ def test_sar_only_keeps_cloudy_samples_and_shows_the_student_their_sar_alone(
     batch = collate_samples([dataset[index] for index in range(6)])
     cloudy = torch.tensor([f > 0.3 for f in FRACTIONS])
     assert torch.equal(batch["cloudy"].bool(), cloudy)
-    views = trainer._views(batch, step=0)
+    views = trainer.make_views(batch, step=0)
     n_local = cfg.crops.local_crops_number
     for present, n_views in ((views.global_present, 2), (views.local_present, n_local)):
         assert torch.equal(present["s2"], ~cloudy.repeat(n_views))
@@ -223,7 +223,7 @@ def test_weight_keeps_cloudy_samples_and_scales_the_loss_of_their_views(
     dataset = build_dataset(cfg)
     assert len(dataset) == 6 and cloudy_marked(dataset) == 3
     trainer = Trainer(cfg, tmp_path / "run", resume=False)
-    views = trainer._views(collate_samples([dataset[index] for index in range(6)]), step=0)
+    views = trainer.make_views(collate_samples([dataset[index] for index in range(6)]), step=0)
     clear = torch.tensor([1.0 if f <= 0.3 else 0.25 for f in FRACTIONS])
     assert torch.equal(views.global_weight, clear.repeat(2))
     assert torch.equal(views.local_weight, clear.repeat(cfg.crops.local_crops_number))

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import itertools
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from rsdino.config import loader
+from rsdino.config.component import ConfigProblems
 from rsdino.config.loader import ConfigError, available_presets, load_config
+from rsdino.config.validate import COMPONENT_CONFIGS
+from rsdino.data.augment_config import AugmentConfig
 
 
 def test_default_config_is_complete_and_valid() -> None:
@@ -156,3 +165,40 @@ def test_keys_of_the_active_mode_and_defaults_elsewhere_are_accepted() -> None:
     assert load_config("vitl14").ibot.head_n_prototypes == 131072  # separate_head: true there
     # A unimodal run whose multimodal keys hold their defaults is fine.
     assert load_config("quickstart").student.fuse_alg == "linear"
+
+
+@pytest.mark.parametrize("section", sorted(COMPONENT_CONFIGS))
+def test_default_yaml_holds_each_component_configs_own_defaults(section: str) -> None:
+    """default.yaml documents the full config; it cannot drift from the dataclass defaults."""
+    default_yaml = OmegaConf.load(Path(loader.__file__).parent / "default.yaml")
+    owned = OmegaConf.to_container(OmegaConf.structured(COMPONENT_CONFIGS[section]))
+    assert OmegaConf.to_container(default_yaml[section]) == owned
+
+
+@pytest.mark.parametrize("section", sorted(COMPONENT_CONFIGS))
+def test_every_field_of_a_component_config_has_a_docstring(section: str) -> None:
+    cls = COMPONENT_CONFIGS[section]
+    (body,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    documented = {
+        field.target.id
+        for field, after in itertools.pairwise(body.body)
+        if isinstance(field, ast.AnnAssign)
+        and isinstance(after, ast.Expr)
+        and isinstance(after.value, ast.Constant)
+    }
+    assert documented == {spec.name for spec in dataclasses.fields(cls)}
+
+
+def test_component_checks_name_every_bad_key_at_once() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(
+            "quickstart",
+            ["augment.blur_sigma=[0,1]", "crops.local_crops_scale=[0.1,2]", "augment.flip_prob=2"],
+        )
+    message = str(raised.value)
+    assert "augment.blur_sigma=[0.0, 1.0] must be [min, max] with 0.0 < min" in message
+    assert "crops.local_crops_scale=[0.1, 2.0] must be [min, max]" in message
+    assert "augment.flip_prob=2.0 must be a probability in [0, 1]" in message
+    # The same checks guard a component built without a config file.
+    with pytest.raises(ConfigProblems, match=r"augment\.contrast=1\.5 must be in \[0, 1\]"):
+        AugmentConfig(contrast=1.5)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import (
     TINY_OVERRIDES,
+    multicrop,
     saved_tensors,
     tiny_config,
     tiny_multimodal_config,
@@ -113,7 +114,7 @@ def _images(batch: int, size: int, value: float) -> dict[str, torch.Tensor]:
 
 def _plain_augment(local_crops_number: int = 2) -> MultiCropAugment:
     """Geometry only: no photometric jitter or blur, so crops are exact resamplings."""
-    return MultiCropAugment(
+    return multicrop(
         global_crops_size=8,
         local_crops_size=4,
         local_crops_number=local_crops_number,
@@ -158,7 +159,7 @@ def test_the_second_global_crop_carries_the_second_date_s_day_of_year(
     cfg = tiny_multimodal_config(*_sources(series), *SEASONAL, "train.views.seasonal.locals=any")
     trainer = Trainer(cfg, tmp_path / "run", resume=False)
     batch = next(iter(make_loader(cfg, 0, trainer.ctx)))
-    views = trainer._views(batch, step=0)
+    views = trainer.make_views(batch, step=0)
     doy, doy_b = batch["doy"], batch["doy_b"]
     assert not torch.equal(doy, doy_b)
     assert torch.equal(views.global_doy, torch.cat([doy, doy_b]))

@@ -1,8 +1,10 @@
 """Typed schema of the training config.
 
 The dataclasses give every key a type so OmegaConf rejects unknown keys and wrong types with the
-key's full path. Values live in ``default.yaml`` (single source of truth); the schema only says
-what may exist, which is why every field is ``MISSING`` here.
+key's full path. Values live in ``default.yaml``; the sections defined here only say what may
+exist, which is why their fields are ``MISSING``. Components that own their config (those in
+``validate.COMPONENT_CONFIGS``) define defaults, field docs and checks beside the component, and
+a test holds ``default.yaml`` to them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
+
+from rsdino.data.augment_config import AugmentConfig, CropsConfig
+from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
+from rsdino.train.checkpoint_config import CheckpointConfig
 
 
 @dataclass
@@ -107,14 +113,6 @@ class TrainConfig:
 
 
 @dataclass
-class CheckpointConfig:
-    every_steps: int = MISSING
-    keep: int = MISSING
-    dir: str = MISSING
-    async_save: bool = MISSING
-
-
-@dataclass
 class CrossAttentionConfig:
     nhead: int = MISSING
     nlayer: int = MISSING
@@ -151,53 +149,6 @@ class StudentConfig:
     num_register_tokens: int = MISSING
     interpolate_antialias: bool = MISSING
     interpolate_offset: float = MISSING
-
-
-@dataclass
-class TeacherConfig:
-    momentum_teacher: float = MISSING
-    final_momentum_teacher: float = MISSING
-    warmup_teacher_temp: float = MISSING
-    teacher_temp: float = MISSING
-    warmup_teacher_temp_epochs: float = MISSING
-
-
-@dataclass
-class OptimConfig:
-    epochs: int = MISSING
-    weight_decay: float = MISSING
-    weight_decay_end: float = MISSING
-    base_lr: float = MISSING
-    warmup_epochs: float = MISSING
-    min_lr: float = MISSING
-    clip_grad: float = MISSING
-    freeze_last_layer_epochs: float = MISSING
-    scaling_rule: str = MISSING
-    patch_embed_lr_mult: float = MISSING
-    layerwise_decay: float = MISSING
-    adamw_beta1: float = MISSING
-    adamw_beta2: float = MISSING
-
-
-@dataclass
-class CropsConfig:
-    global_crops_scale: list[float] = MISSING
-    local_crops_number: int = MISSING
-    local_crops_scale: list[float] = MISSING
-    global_crops_size: int = MISSING
-    local_crops_size: int = MISSING
-
-
-@dataclass
-class AugmentConfig:
-    flip_prob: float = MISSING
-    rotate90: bool = MISSING
-    brightness: float = MISSING
-    contrast: float = MISSING
-    band_jitter: float = MISSING
-    blur_prob_global: list[float] = MISSING
-    blur_prob_local: float = MISSING
-    blur_sigma: list[float] = MISSING
 
 
 @dataclass

@@ -10,18 +10,29 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from rsdino.config.component import ConfigProblems
+from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.band_tables import S1_BANDS, S2_LAYOUTS
 from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
 from rsdino.models.specs import ARCH_SPECS, FFN_LAYER_NAMES, FUSE_ALGS, PATCH_EMBED_ADAPT_MODES
+from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
+from rsdino.train.checkpoint_config import CheckpointConfig
 
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 REDUCE_PRECISIONS = ("fp32", "bf16")
-SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 EVAL_DATASETS = ("synthetic", "eurosat")
 SEASONAL_LOCALS = ("same", "any")
 CLOUD_POLICIES = ("drop", "sar_only", "weight")
+# Sections whose dataclass owns its defaults, field docs and checks (see config/component.py).
+COMPONENT_CONFIGS: dict[str, type] = {
+    "crops": CropsConfig,
+    "augment": AugmentConfig,
+    "optim": OptimConfig,
+    "teacher": TeacherConfig,
+    "checkpoint": CheckpointConfig,
+}
 
 
 TENSORBOARD_MODES = ("auto", "true", "false")
@@ -45,16 +56,6 @@ def _pair(problems: list[str], key: str, values: list[float], valid: Callable[..
 def _unit_range(low: float, high: float) -> bool:
     """0 <= low <= high <= 1"""
     return 0.0 <= low <= high <= 1.0
-
-
-def _scale_range(low: float, high: float) -> bool:
-    """0 < low <= high <= 1"""
-    return 0.0 < low <= high <= 1.0
-
-
-def _positive_range(low: float, high: float) -> bool:
-    """0 < low <= high"""
-    return 0.0 < low <= high
 
 
 def _arch_keys(cfg: DictConfig) -> tuple[str, ...]:
@@ -352,12 +353,22 @@ def _validate_applicable(problems: list[str], cfg: DictConfig, defaults: DictCon
                 )
 
 
+def _validate_components(problems: list[str], cfg: DictConfig) -> None:
+    """Sections whose dataclass checks itself: building it runs its ``__post_init__``."""
+    for section in COMPONENT_CONFIGS:
+        try:
+            OmegaConf.to_object(cfg[section])
+        except ConfigProblems as exc:
+            problems.extend(exc.problems)
+
+
 def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
     """Return human-readable problems; an empty list means the config is usable. ``defaults``
     is the ``default.yaml`` layer the config was built on (keys of other modes must keep it)."""
     problems: list[str] = []
-    train, student, crops, optim = cfg.train, cfg.student, cfg.crops, cfg.optim
+    train, student, crops = cfg.train, cfg.student, cfg.crops
 
+    _validate_components(problems, cfg)
     _validate_dataset(problems, cfg)
     _validate_bands(problems, cfg)
     _validate_evaluation(problems, cfg)
@@ -415,8 +426,6 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
     _choice(problems, "train.device", train.device, DEVICES)
     _choice(problems, "train.precision", train.precision, PRECISIONS)
     _choice(problems, "train.reduce_precision", train.reduce_precision, REDUCE_PRECISIONS)
-    _check(problems, cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps must be >= 1")
-    _check(problems, cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
 
     for key in _arch_keys(cfg):
         _validate_arch(problems, cfg, key)
@@ -443,9 +452,6 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
             f"crops.{key}={size} must be a positive multiple of student.patch_size="
             f"{student.patch_size}",
         )
-    _check(problems, crops.local_crops_number >= 0, "crops.local_crops_number must be >= 0")
-    _pair(problems, "crops.global_crops_scale", crops.global_crops_scale, _scale_range)
-    _pair(problems, "crops.local_crops_scale", crops.local_crops_scale, _scale_range)
 
     ibot = cfg.ibot
     _pair(problems, "ibot.mask_ratio_min_max", ibot.mask_ratio_min_max, _unit_range)
@@ -460,31 +466,4 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
         _check(problems, cfg[head].loss_weight >= 0, f"{head}.loss_weight must be >= 0")
     _check(problems, cfg.dino.koleo_loss_weight >= 0, "dino.koleo_loss_weight must be >= 0")
 
-    teacher = cfg.teacher
-    for key in ("momentum_teacher", "final_momentum_teacher"):
-        _check(problems, 0.0 <= teacher[key] <= 1.0, f"teacher.{key} must be in [0, 1]")
-    for key in ("teacher_temp", "warmup_teacher_temp"):
-        _check(problems, teacher[key] > 0, f"teacher.{key} must be > 0")
-
-    _choice(problems, "optim.scaling_rule", optim.scaling_rule, SCALING_RULES)
-    _check(problems, optim.epochs >= 1, "optim.epochs must be >= 1")
-    _check(problems, optim.base_lr > 0, "optim.base_lr must be > 0")
-    _check(
-        problems,
-        0 <= optim.warmup_epochs <= optim.epochs,
-        f"optim.warmup_epochs={optim.warmup_epochs} must be in [0, optim.epochs={optim.epochs}]",
-    )
-    _check(problems, optim.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables)")
-    _check(problems, 0 < optim.layerwise_decay <= 1, "optim.layerwise_decay must be in (0, 1]")
-    _check(problems, optim.patch_embed_lr_mult >= 0, "optim.patch_embed_lr_mult must be >= 0")
-
-    aug = cfg.augment
-    _check(problems, 0.0 <= aug.flip_prob <= 1.0, "augment.flip_prob must be in [0, 1]")
-    _check(
-        problems,
-        len(aug.blur_prob_global) == 2 and all(0 <= p <= 1 for p in aug.blur_prob_global),
-        "augment.blur_prob_global must be two probabilities (view 0, view 1)",
-    )
-    _check(problems, 0.0 <= aug.blur_prob_local <= 1.0, "augment.blur_prob_local must be in [0, 1]")
-    _pair(problems, "augment.blur_sigma", aug.blur_sigma, _positive_range)
     return problems

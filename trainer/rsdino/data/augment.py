@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.batch_share import BatchShare
 
 _CROP_ATTEMPTS = 10  # as RandomResizedCrop: tries before falling back to a whole-image crop
@@ -107,18 +108,6 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> tor
     return planes.view(batch, channels, height, width)
 
 
-def _check_range(name: str, bounds: tuple[float, float], low: float, high: float) -> None:
-    if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] <= high:
-        raise ValueError(
-            f"{name} must be (min, max) with {low} <= min <= max <= {high}, got {bounds}"
-        )
-
-
-def _check_probability(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-
-
 def _check_images(images: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     """Return (B, H, W) shared by all modalities, or say which modality disagrees."""
     if not images:
@@ -154,66 +143,19 @@ class MultiCropAugment:
 
     def __init__(
         self,
-        global_crops_size: int,
-        local_crops_size: int,
-        local_crops_number: int,
-        global_crops_scale: tuple[float, float] = (0.32, 1.0),
-        local_crops_scale: tuple[float, float] = (0.05, 0.32),
+        crops: CropsConfig,
+        augment: AugmentConfig | None = None,
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_prob: float = 0.5,
-        rotate90: bool = True,
-        brightness: float = 0.2,
-        contrast: float = 0.2,
-        band_jitter: float = 0.05,
-        blur_prob_global: tuple[float, float] = (1.0, 0.1),
-        blur_prob_local: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
     ) -> None:
-        if global_crops_size < 1 or local_crops_size < 1:
-            raise ValueError(
-                f"crop sizes must be >= 1, got global {global_crops_size}, local {local_crops_size}"
-            )
-        if local_crops_number < 0:
-            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
-        _check_range("global_crops_scale", global_crops_scale, 0.0, 1.0)
-        _check_range("local_crops_scale", local_crops_scale, 0.0, 1.0)
-        if global_crops_scale[0] <= 0.0 or local_crops_scale[0] <= 0.0:
-            raise ValueError("crop scales must be strictly positive")
-        _check_range("ratio", ratio, 0.0, math.inf)
-        if ratio[0] <= 0.0:
-            raise ValueError(f"ratio must be strictly positive, got {ratio}")
-        _check_probability("flip_prob", flip_prob)
-        if len(blur_prob_global) != 2:
-            raise ValueError(
-                f"blur_prob_global needs one probability per global view: {blur_prob_global}"
-            )
-        for probability in (*blur_prob_global, blur_prob_local):
-            _check_probability("blur probability", probability)
-        if brightness < 0.0:
-            raise ValueError(f"brightness must be >= 0, got {brightness}")
-        if not 0.0 <= contrast <= 1.0:
-            raise ValueError(f"contrast must be in [0, 1], got {contrast}")
-        if not 0.0 <= band_jitter < 1.0:
-            raise ValueError(f"band_jitter must be in [0, 1), got {band_jitter}")
-        _check_range("blur_sigma", blur_sigma, 0.0, math.inf)
-        if blur_sigma[0] <= 0.0:
-            raise ValueError(f"blur_sigma must be strictly positive, got {blur_sigma}")
-        self.global_crops_size = global_crops_size
-        self.local_crops_size = local_crops_size
-        self.local_crops_number = local_crops_number
-        self.global_crops_scale = tuple(global_crops_scale)
-        self.local_crops_scale = tuple(local_crops_scale)
+        """``crops`` and ``augment`` check their own values; ``ratio`` is the crops' aspect-ratio
+        range (torchvision's RandomResizedCrop default, which DINOv2 keeps)."""
+        if len(ratio) != 2 or not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must be (min, max) with 0 < min <= max, got {ratio}")
+        self.crops = crops
+        self.augment = augment or AugmentConfig()
         self.ratio = tuple(ratio)
-        self.flip_prob = flip_prob
-        self.rotate90 = rotate90
-        self.brightness = brightness
-        self.contrast = contrast
-        self.band_jitter = band_jitter
-        self.blur_prob_global = tuple(blur_prob_global)
-        self.blur_prob_local = blur_prob_local
-        self.blur_sigma = tuple(blur_sigma)
         # The kernel covers +-3 sigma of the widest blur; fixed, so no device sync is needed.
-        self.blur_radius = math.ceil(3.0 * blur_sigma[1])
+        self.blur_radius = math.ceil(3.0 * self.augment.blur_sigma[1])
 
     def __call__(
         self,
@@ -242,14 +184,15 @@ class MultiCropAugment:
         ):
             raise ValueError("the second date must have the first date's shapes")
         sources = [images, images if second is None else second]
+        crops = self.crops
         global_views = [
             self._view(
-                source, self.global_crops_size, self.global_crops_scale, prob, generator, share
+                source, crops.global_crops_size, crops.global_crops_scale, prob, generator, share
             )
-            for source, prob in zip(sources, self.blur_prob_global, strict=True)
+            for source, prob in zip(sources, self.augment.blur_prob_global, strict=True)
         ]
         local_views, from_second = [], []
-        for _ in range(self.local_crops_number):
+        for _ in range(crops.local_crops_number):
             source = images
             if second is not None and locals_from_either:
                 chosen = (torch.rand(share.global_batch, generator=generator) < 0.5)[share.samples]
@@ -258,16 +201,16 @@ class MultiCropAugment:
             local_views.append(
                 self._view(
                     source,
-                    self.local_crops_size,
-                    self.local_crops_scale,
-                    self.blur_prob_local,
+                    crops.local_crops_size,
+                    crops.local_crops_scale,
+                    self.augment.blur_prob_local,
                     generator,
                     share,
                 )
             )
         views = {
-            "global_crops": self._stack_views(images, global_views, self.global_crops_size),
-            "local_crops": self._stack_views(images, local_views, self.local_crops_size),
+            "global_crops": self._stack_views(images, global_views, crops.global_crops_size),
+            "local_crops": self._stack_views(images, local_views, crops.local_crops_size),
         }
         if from_second:
             views["local_from_second"] = torch.cat(from_second)
@@ -299,9 +242,9 @@ class MultiCropAugment:
         batch, _, height, width = reference.shape
         total, mine = share.global_batch, share.samples
         center, half_size = sample_crop_boxes(total, height, width, scale, self.ratio, generator)
-        hflip = torch.rand(total, generator=generator) < self.flip_prob
-        vflip = torch.rand(total, generator=generator) < self.flip_prob
-        turns = torch.randint(0, 4 if self.rotate90 else 1, (total,), generator=generator)
+        hflip = torch.rand(total, generator=generator) < self.augment.flip_prob
+        vflip = torch.rand(total, generator=generator) < self.augment.flip_prob
+        turns = torch.randint(0, 4 if self.augment.rotate90 else 1, (total,), generator=generator)
         theta = crop_affine(center[mine], half_size[mine], hflip[mine], vflip[mine], turns[mine])
         theta = theta.to(reference.device)
         grid = F.affine_grid(theta, [batch, 1, size, size], align_corners=False)
@@ -328,13 +271,14 @@ class MultiCropAugment:
         """Per-band gain, contrast around each band's mean, additive brightness, optional blur."""
         channels = crops.shape[1]
         total, mine = share.global_batch, share.samples
+        aug = self.augment
         band_gain = _uniform(
-            (total, channels), 1.0 - self.band_jitter, 1.0 + self.band_jitter, generator
+            (total, channels), 1.0 - aug.band_jitter, 1.0 + aug.band_jitter, generator
         )[mine]
-        contrast = _uniform((total,), 1.0 - self.contrast, 1.0 + self.contrast, generator)[mine]
-        brightness = _uniform((total,), -self.brightness, self.brightness, generator)[mine]
+        contrast = _uniform((total,), 1.0 - aug.contrast, 1.0 + aug.contrast, generator)[mine]
+        brightness = _uniform((total,), -aug.brightness, aug.brightness, generator)[mine]
         blurred = (torch.rand(total, generator=generator) < blur_prob)[mine]
-        sigma = _uniform((total,), self.blur_sigma[0], self.blur_sigma[1], generator)[mine]
+        sigma = _uniform((total,), aug.blur_sigma[0], aug.blur_sigma[1], generator)[mine]
 
         def on_device(values: torch.Tensor) -> torch.Tensor:
             return values.to(device=crops.device, dtype=crops.dtype)

@@ -3,6 +3,8 @@
 import math
 from dataclasses import dataclass
 
+from rsdino.ssl.schedule_config import LR_SCALING_RULES
+
 
 class CosineScheduler:
     """DINOv2's schedule: ``freeze_iters`` zeros, a linear warmup, then a cosine decay.
@@ -94,9 +96,6 @@ class Schedules:
     last_layer_lr: CosineScheduler
 
 
-_LR_SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
-
-
 def scaled_lr(base_lr: float, global_batch_size: int, rule: str) -> float:
     """Scale the learning rate with the global batch size (DINOv2 uses ``sqrt_wrt_1024``)."""
     if rule == "sqrt_wrt_1024":
@@ -105,7 +104,7 @@ def scaled_lr(base_lr: float, global_batch_size: int, rule: str) -> float:
         return base_lr * global_batch_size / 256
     if rule == "none":
         return base_lr
-    raise ValueError(f"unknown lr scaling rule {rule!r}; accepted: {', '.join(_LR_SCALING_RULES)}")
+    raise ValueError(f"unknown lr scaling rule {rule!r}; accepted: {', '.join(LR_SCALING_RULES)}")
 
 
 def build_schedules(

@@ -7,12 +7,13 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader, get_worker_info
 
@@ -126,22 +127,7 @@ def make_optimizer(cfg: DictConfig, model: SSLMetaArch) -> torch.optim.AdamW:
 
 
 def make_augment(cfg: DictConfig) -> MultiCropAugment:
-    crops, aug = cfg.crops, cfg.augment
-    return MultiCropAugment(
-        global_crops_size=crops.global_crops_size,
-        local_crops_size=crops.local_crops_size,
-        local_crops_number=crops.local_crops_number,
-        global_crops_scale=tuple(crops.global_crops_scale),
-        local_crops_scale=tuple(crops.local_crops_scale),
-        flip_prob=aug.flip_prob,
-        rotate90=aug.rotate90,
-        brightness=aug.brightness,
-        contrast=aug.contrast,
-        band_jitter=aug.band_jitter,
-        blur_prob_global=tuple(aug.blur_prob_global),
-        blur_prob_local=aug.blur_prob_local,
-        blur_sigma=tuple(aug.blur_sigma),
-    )
+    return MultiCropAugment(OmegaConf.to_object(cfg.crops), OmegaConf.to_object(cfg.augment))
 
 
 def _init_loader_worker(worker_id: int) -> None:
@@ -409,7 +395,7 @@ class Trainer:
             time.perf_counter() - started,
         )
 
-    def _views(self, batch: dict, step: int) -> SSLBatch:
+    def make_views(self, batch: dict, step: int) -> SSLBatch:
         """Normalise, multi-crop, mask and drop modalities with the step's own random stream."""
         cfg, device = self.cfg, self.device
         generator = step_generator(self.seed, step)
@@ -513,9 +499,13 @@ class Trainer:
         )
 
     def train_step(self, batch: dict, step: int) -> dict[str, Tensor]:
-        """One optimisation step; returns the detached loss parts and their total."""
-        torch.manual_seed(step_seed(self.seed, step))  # stochastic depth draws
-        views = self._views(batch, step)
+        """One optimisation step on a loader batch; returns the loss parts and their total."""
+        return self.optimise(self.make_views(batch, step), step)
+
+    def optimise(self, views: SSLBatch, step: int) -> dict[str, Tensor]:
+        """Forward, backward and update on a step's views (``make_views``); benchmarks time this
+        part alone. Stochastic depth draws from the step's own seed, so a resume is exact."""
+        torch.manual_seed(step_seed(self.seed, step))
         schedules = self.schedules
         apply_optim_schedule(
             self.optimizer,
@@ -638,90 +628,120 @@ class Trainer:
         reporter.start(self.start_step)
         if self.ctx.is_main:
             reporter.drop_records_after(self.start_step)
-        metrics: TrainingMetrics | DisabledMetrics = DisabledMetrics()
-        curves = CurveWriters(cfg, self.paths.root, enabled=False)
-        batches = loader = None
-        window_start, running = self.start_step, {}
+        disabled_curves = CurveWriters(cfg, self.paths.root, enabled=False)
+        run = _RunState(result, reporter, disabled_curves, window_start=self.start_step)
         stop = StopSignal()
         stop.install()
         try:
-            loader = make_loader(cfg, self.samples_seen, self.ctx)
-            # Forks the loader workers before the metrics socket exists: a worker that inherited
-            # it would hold the port after this process died.
-            batches = iter(loader)
-            if self.ctx.is_main:
-                log.info("data: %s", describe_data(cfg, loader.dataset))
-            metrics = start_metrics(
-                cfg, self.ctx, self.preset, estimate_step_cost(cfg, self.model.student)
-            )
-            curves = CurveWriters(cfg, self.paths.root, enabled=self.ctx.is_main)
-            metrics.set_resumed_from(self.start_step)
-            metrics.watch_data(loader.dataset)
-            clouds = cloud_counts(cfg, loader.dataset)  # in every train_log.jsonl record
+            self._open_data_and_metrics(run)
             for step in range(self.start_step, steps):
-                started = time.perf_counter()
-                batch = next(batches)
-                raise_worker_error(batch)
-                data_wait = time.perf_counter() - started
-                if WORKER_STATS_KEY in batch:
-                    worker_id, stats = batch.pop(WORKER_STATS_KEY)
-                    merge_worker_findings(loader.dataset, stats["findings"])
-                    metrics.observe_worker_stats(worker_id, stats)
-                step_values = {**self.train_step(batch, step), **self._view_stats(batch)}
-                for name, value in step_values.items():
-                    running[name] = running.get(name, 0.0) + value
-                self.samples_seen += self.share.global_batch
-                done = step + 1
-                metrics.observe_step(
-                    done, self.share.batch_size, data_wait, time.perf_counter() - started
-                )
+                done = self._step(run, step)
                 is_ckpt_step = done % cfg.checkpoint.every_steps == 0 or done == steps
-                stopping: int | None = None
+                stopping = None
                 if is_ckpt_step or done % cfg.train.log_every_steps == 0:
-                    # The loop's only host syncs: interval means over the ranks, and below
-                    # whether any rank got SIGTERM (two small all-reduces per interval).
-                    losses = mean_over_ranks(running, done - window_start)
-                    views = seasonal_summary(losses)  # takes its entries out of the losses
-                    scalars = self._scalars(step)
-                    metrics.observe_interval(losses, scalars)
-                    if views:
-                        metrics.observe_views(views)
-                    self.divergence.observe(done, losses["total"])
-                    if not all(math.isfinite(value) for value in losses.values()):
-                        # A save still in flight may hold the last good weights: commit it first.
-                        self._ended(self.checkpointer.wait(), metrics)
-                    _check_finite(losses, window_start + 1, done, self._good_checkpoint())
-                    window_start, running = done, {}
-                    if self.ctx.is_main:
-                        record = reporter.report(done, losses, scalars, {**views, **clouds})
-                        result.history.append(record)
-                        curves.log(
-                            done, {**losses, **scalars, "samples_per_s": record["samples_per_s"]}
-                        )
+                    self._log_interval(run, step)
+                    # With the interval's all-reduces: whether any rank got SIGTERM.
                     stopping = stop.on_any_rank(self.device)
                 if self.evaluation.due(done):
-                    self._evaluate(done, reporter, metrics)
+                    self._evaluate(done, reporter, run.metrics)
                 if is_ckpt_step or stopping is not None:
-                    self.divergence.saving(done)
-                    started = time.perf_counter()
-                    for outcome in self.save(done):
-                        self._ended(outcome, metrics)
-                    metrics.observe_checkpoint_stall(time.perf_counter() - started)
+                    self._checkpoint(run, done)
                 else:
-                    self._ended(self.checkpointer.poll(), metrics)
+                    self._ended(self.checkpointer.poll(), run.metrics)
                 result.final_step = done
                 if stopping is not None:
-                    self._stop_after_checkpoint(done, stopping, metrics)
-            self._ended(self.checkpointer.wait(), metrics)
+                    self._stop_after_checkpoint(done, stopping, run.metrics)
+            self._ended(self.checkpointer.wait(), run.metrics)
         finally:
             # Drop every reference to the loader's iterator, which stops its worker processes
             # (persistent workers live as long as the loader).
-            batches = loader = None
+            run.batches = run.loader = None
             stop.restore()
-            metrics.close()
-            curves.close()
+            run.metrics.close()
+            run.curves.close()
         result.last_checkpoint = self.last_checkpoint
         return result
+
+    def _open_data_and_metrics(self, run: _RunState) -> None:
+        """The loader, then the exporter and curve writers (in that order, see below)."""
+        cfg = self.cfg
+        run.loader = make_loader(cfg, self.samples_seen, self.ctx)
+        # Forks the loader workers before the metrics socket exists: a worker that inherited
+        # it would hold the port after this process died.
+        run.batches = iter(run.loader)
+        if self.ctx.is_main:
+            log.info("data: %s", describe_data(cfg, run.loader.dataset))
+        run.metrics = start_metrics(
+            cfg, self.ctx, self.preset, estimate_step_cost(cfg, self.model.student)
+        )
+        run.curves = CurveWriters(cfg, self.paths.root, enabled=self.ctx.is_main)
+        run.metrics.set_resumed_from(self.start_step)
+        run.metrics.watch_data(run.loader.dataset)
+        run.clouds = cloud_counts(cfg, run.loader.dataset)  # in every train_log.jsonl record
+
+    def _step(self, run: _RunState, step: int) -> int:
+        """Wait for the next batch, train on it and add its losses to the interval's sums."""
+        started = time.perf_counter()
+        batch = next(run.batches)
+        raise_worker_error(batch)
+        data_wait = time.perf_counter() - started
+        if WORKER_STATS_KEY in batch:
+            worker_id, stats = batch.pop(WORKER_STATS_KEY)
+            merge_worker_findings(run.loader.dataset, stats["findings"])
+            run.metrics.observe_worker_stats(worker_id, stats)
+        step_values = {**self.train_step(batch, step), **self._view_stats(batch)}
+        for name, value in step_values.items():
+            run.running[name] = run.running.get(name, 0.0) + value
+        self.samples_seen += self.share.global_batch
+        done = step + 1
+        run.metrics.observe_step(
+            done, self.share.batch_size, data_wait, time.perf_counter() - started
+        )
+        return done
+
+    def _log_interval(self, run: _RunState, step: int) -> None:
+        """Interval means over the ranks (the loop's only host sync), then the divergence check,
+        the metrics, ``train_log.jsonl`` and the curves."""
+        done = step + 1
+        losses = mean_over_ranks(run.running, done - run.window_start)
+        views = seasonal_summary(losses)  # takes its entries out of the losses
+        scalars = self._scalars(step)
+        run.metrics.observe_interval(losses, scalars)
+        if views:
+            run.metrics.observe_views(views)
+        self.divergence.observe(done, losses["total"])
+        if not all(math.isfinite(value) for value in losses.values()):
+            # A save still in flight may hold the last good weights: commit it first.
+            self._ended(self.checkpointer.wait(), run.metrics)
+        _check_finite(losses, run.window_start + 1, done, self._good_checkpoint())
+        run.window_start, run.running = done, {}
+        if self.ctx.is_main:
+            record = run.reporter.report(done, losses, scalars, {**views, **run.clouds})
+            run.result.history.append(record)
+            run.curves.log(done, {**losses, **scalars, "samples_per_s": record["samples_per_s"]})
+
+    def _checkpoint(self, run: _RunState, done: int) -> None:
+        """Save step ``done``; the time the loop is held up is the checkpoint stall."""
+        self.divergence.saving(done)
+        started = time.perf_counter()
+        for outcome in self.save(done):
+            self._ended(outcome, run.metrics)
+        run.metrics.observe_checkpoint_stall(time.perf_counter() - started)
+
+
+@dataclass
+class _RunState:
+    """What one ``Trainer.run`` carries between its phases."""
+
+    result: TrainResult
+    reporter: ProgressReporter
+    curves: CurveWriters
+    window_start: int  # first step of the current logging interval
+    running: dict[str, Tensor] = field(default_factory=dict)  # its per-step sums
+    loader: DataLoader | None = None
+    batches: Iterator[dict] | None = None
+    metrics: TrainingMetrics | DisabledMetrics = field(default_factory=DisabledMetrics)
+    clouds: dict[str, int] = field(default_factory=dict)
 
 
 def cloud_counts(cfg: DictConfig, dataset: object) -> dict[str, int]:
