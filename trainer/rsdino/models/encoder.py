@@ -77,9 +77,17 @@ class RemoteSensingEncoder(nn.Module):
         """
         return weight_decay_exempt(self)
 
-    def forward_flops(self, image_size: int) -> float:
-        """Matmul FLOPs of one image through every backbone; the fusion layers are left out."""
-        return sum(backbone.forward_flops(image_size) for backbone in self.backbones.values())
+    def forward_flops(
+        self, image_size: int, executed: bool = False, batch: int | None = None
+    ) -> float:
+        """Matmul FLOPs of one image through every backbone; the fusion layers are left out.
+
+        ``executed``/``batch``: what a training forward of ``batch`` images runs (see
+        ``VisionTransformer.forward_flops``)."""
+        return sum(
+            backbone.forward_flops(image_size, executed=executed, batch=batch)
+            for backbone in self.backbones.values()
+        )
 
     @property
     def is_multimodal(self) -> bool:

@@ -6,6 +6,8 @@ without any renaming (see ``rsdino.models.pretrained``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -180,8 +182,17 @@ class DropPath(nn.Module):
         return x * keep / keep_prob
 
 
+# Above this drop rate a training block runs each residual branch on a random subset of the
+# batch (DINOv2's threshold); at or below it, on every sample times a Bernoulli mask.
+SUBSET_DROP_MIN_RATE = 0.1
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
+
+    In training with a drop rate above ``SUBSET_DROP_MIN_RATE`` each branch runs only on the
+    rows it keeps (as DINOv2 does): the dropped samples' compute is skipped, not masked away.
+    """
 
     def __init__(
         self,
@@ -202,15 +213,54 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = ffn_layer(dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = layer_scale(dim, init_values)
+        self.drop_rate = drop_path
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+    def attn_residual(self, x: Tensor) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
 
-    def flops(self, tokens: int) -> float:
-        """Matmul FLOPs of one sequence; norms, LayerScale and activations are noise beside them."""
-        return self.attn.flops(tokens) + tokens * self.mlp.flops_per_token()
+    def ffn_residual(self, x: Tensor) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.drop_rate > SUBSET_DROP_MIN_RATE:
+            x = self._add_on_subset(x, self.attn_residual)
+            return self._add_on_subset(x, self.ffn_residual)
+        x = x + self.drop_path(self.attn_residual(x))
+        return x + self.drop_path(self.ffn_residual(x))
+
+    def branch_rows(self, batch: int) -> int:
+        """Samples of a ``batch`` that a residual branch runs on in training.
+
+        Both ``forward`` and ``flops`` use it, so the FLOP count follows what is executed.
+        """
+        if self.drop_rate > SUBSET_DROP_MIN_RATE:
+            return max(int(batch * (1 - self.drop_rate)), 1)
+        return batch
+
+    def _add_on_subset(self, x: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
+        """x plus the branch of a random subset of rows, scaled by batch / subset size.
+
+        The scale keeps the expected residual that of the full batch. The permutation comes from
+        the default generator of ``x``'s device, which the trainer seeds every step.
+        """
+        batch = x.shape[0]
+        rows = torch.randperm(batch, device=x.device)[: self.branch_rows(batch)]
+        residual = branch(x[rows]).to(x.dtype)
+        return torch.index_add(x, 0, rows, residual, alpha=batch / rows.numel())
+
+    def flops(self, tokens: int, executed: bool = False, batch: int | None = None) -> float:
+        """Matmul FLOPs of one sequence; norms, LayerScale and activations are noise beside them.
+
+        ``executed=True`` counts what a training step runs for a ``batch`` of sequences: the
+        exact share ``branch_rows(batch) / batch`` of the branches, per sequence.
+        """
+        nominal = self.attn.flops(tokens) + tokens * self.mlp.flops_per_token()
+        if not executed:
+            return nominal
+        if batch is None:
+            raise ValueError("executed FLOPs depend on the batch size; pass batch")
+        return nominal * self.branch_rows(batch) / batch
 
 
 class BlockChunk(nn.ModuleList):

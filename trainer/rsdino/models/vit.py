@@ -156,16 +156,22 @@ class VisionTransformer(nn.Module):
         """Parameter names trained without weight decay: biases, norms, LayerScale gains."""
         return weight_decay_exempt(self)
 
-    def forward_flops(self, image_size: int) -> float:
+    def forward_flops(
+        self, image_size: int, executed: bool = False, batch: int | None = None
+    ) -> float:
         """Matmul FLOPs of one ``image_size`` x ``image_size`` image through the backbone.
 
         Counted from the layers themselves (patch embedding, then each block's attention and
         feed-forward network), so metrics and benchmarks cannot disagree with what is built.
+        ``executed=True`` counts a training forward of ``batch`` images, where stochastic depth
+        skips part of the residual branches (``Block.flops``).
         """
         n_patches = (image_size // self.patch_size) ** 2
         tokens = n_patches + 1 + self.num_register_tokens
         blocks = [block for block in self.modules() if isinstance(block, Block)]
-        return self.patch_embed.flops(n_patches) + sum(block.flops(tokens) for block in blocks)
+        return self.patch_embed.flops(n_patches) + sum(
+            block.flops(tokens, executed=executed, batch=batch) for block in blocks
+        )
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -26,13 +26,18 @@ def _all_reduce_sum_(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _rowwise_cross_entropy(student_logits: Tensor, teacher_probs: Tensor, temp: float) -> Tensor:
-    """Cross-entropy of each row's student distribution against the teacher's, shape ``[rows]``.
+def _student_log_probs(student_logits: Tensor, temp: float) -> Tensor:
+    """Log-softmax of the student logits at ``temp``, in float32.
 
-    Computed in float32 so low-precision logits do not lose the small log-probabilities.
+    Float32 so low-precision logits do not lose the small log-probabilities; a separate step so a
+    student crop paired with several teacher crops pays for it once.
     """
-    log_probs = F.log_softmax(student_logits.float() / temp, dim=-1)
-    return -(teacher_probs.float() * log_probs).sum(dim=-1)
+    return F.log_softmax(student_logits.float() / temp, dim=-1)
+
+
+def _rowwise_cross_entropy(student_log_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+    """Cross-entropy of each row's student distribution against the teacher's, shape ``[rows]``."""
+    return -(teacher_probs.float() * student_log_probs).sum(dim=-1)
 
 
 @torch.no_grad()
@@ -118,8 +123,9 @@ class DinoClsLoss(_CenteredTeacher):
         """
         total = student_logits[0].new_zeros((), dtype=torch.float32)
         for i, student in enumerate(student_logits):
+            log_probs = _student_log_probs(student, self.student_temp)
             for j, teacher in enumerate(teacher_probs):
-                rows = _rowwise_cross_entropy(student, teacher, self.student_temp)
+                rows = _rowwise_cross_entropy(log_probs, teacher)
                 if row_weights is not None:
                     rows = rows * row_weights[i][j].to(rows)
                 total = total + rows.mean()
@@ -170,9 +176,8 @@ class IBotPatchLoss(_CenteredTeacher):
         contributes its mean patch loss; dividing by ``n_images`` (all global-crop images, masked or
         not) gives DINOv2's per-image average.
         """
-        per_patch = _rowwise_cross_entropy(
-            student_patch_logits, teacher_patch_probs, self.student_temp
-        )
+        log_probs = _student_log_probs(student_patch_logits, self.student_temp)
+        per_patch = _rowwise_cross_entropy(log_probs, teacher_patch_probs)
         return (per_patch * masks_weight.float()).sum() / n_images
 
 

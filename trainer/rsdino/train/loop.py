@@ -123,7 +123,18 @@ def make_optimizer(cfg: DictConfig, model: SSLMetaArch) -> torch.optim.AdamW:
     )
     for group in groups:
         group.pop("names", None)
-    return torch.optim.AdamW(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+    betas = (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2)
+    return torch.optim.AdamW(groups, betas=betas, **_adamw_kernel(model))
+
+
+def _adamw_kernel(model: SSLMetaArch) -> dict[str, bool]:
+    """One fused kernel per step on CUDA, the multi-tensor (foreach) update elsewhere.
+
+    Both compute the same update (``tests/test_fast_step.py``); fused only saves launches.
+    FSDP2's DTensor parameters report their local device, so sharded CUDA runs fuse too.
+    """
+    on_cuda = next(model.student.parameters()).device.type == "cuda"
+    return {"fused": True} if on_cuda else {"foreach": True}
 
 
 def make_augment(cfg: DictConfig) -> MultiCropAugment:

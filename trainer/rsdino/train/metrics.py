@@ -58,7 +58,7 @@ class StepCost:
     tokens: int
 
 
-def estimate_step_cost(cfg: DictConfig, student: nn.ModuleDict) -> StepCost:
+def estimate_step_cost(cfg: DictConfig, student: nn.ModuleDict, executed: bool = False) -> StepCost:
     """FLOPs of one rank's step: student forward + backward (3x forward) and teacher forward.
 
     The student sees the global and local crops, the teacher the global crops; both DINO heads
@@ -66,6 +66,11 @@ def estimate_step_cost(cfg: DictConfig, student: nn.ModuleDict) -> StepCost:
     of masked patches. The encoder and heads report their own FLOPs (``forward_flops``,
     ``flops_per_token``): multimodal runs count each modality's ViT, the fusion layers are left
     out. The teacher has the student's shapes.
+
+    ``executed=True`` counts what the step really runs: the student's blocks with subset
+    stochastic depth run their residual branches on ``Block.branch_rows`` of the 2B global (and
+    of the n_local*B local) crops they see at once, an exact per-batch count; the teacher, in
+    eval mode, runs in full.
     """
     encoder = student["encoder"]
     batch, patch = cfg.train.batch_size_per_gpu, encoder.patch_size
@@ -80,11 +85,12 @@ def estimate_step_cost(cfg: DictConfig, student: nn.ModuleDict) -> StepCost:
     if cfg.ibot.loss_weight > 0:
         low, high = cfg.ibot.mask_ratio_min_max
         masked = n_global * global_patches * cfg.ibot.mask_sample_probability * (low + high) / 2
-    global_encoder = encoder.forward_flops(global_size)
-    teacher = n_global * (global_encoder + dino_token) + masked * ibot_token
+    teacher_encoder = encoder.forward_flops(global_size)
+    teacher = n_global * (teacher_encoder + dino_token) + masked * ibot_token
+    local_encoder = encoder.forward_flops(local_size, executed, batch=n_local) if n_local else 0.0
     student_flops = (
-        n_global * global_encoder
-        + n_local * encoder.forward_flops(local_size)
+        n_global * encoder.forward_flops(global_size, executed, batch=n_global)
+        + n_local * local_encoder
         + (n_global + n_local) * dino_token
         + masked * ibot_token
     )
