@@ -1,7 +1,9 @@
 """The GPU session's scripts run end to end on the CPU with a tiny model (gpu_session.sh dry run).
 
-The session runs gpu_checks.py and step_time.py as subprocesses once per module; the tests read
-the JSON reports it leaves and check their fields against values worked out here.
+The session runs gpu_checks.py, `rsdino bench train` (each mode, each config) and
+checkpoint_stall.py as subprocesses once per module; the tests read the JSON reports it leaves
+and check their fields against values worked out here. The command itself is tested in
+tests/test_bench_train.py.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import torch
 from conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
-STEP_REPORTS = ("step_quickstart", "step_vitl16_short", "step_vitl16_short_ac")
+BENCH_REPORTS = (
+    *(
+        f"{mode}_{config}"
+        for mode in ("model", "step", "e2e")
+        for config in ("quickstart", "vitl16_short")
+    ),
+    "model_vitl16_short_ac",
+)
 TINY_BATCH = 4  # the dry run's train.batch_size_per_gpu
 
 
@@ -61,13 +69,15 @@ def read_report(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_dry_run_writes_every_report_and_a_log(session_out: Path) -> None:
-    for name in ("gpu_checks", *STEP_REPORTS, "ckpt_stall"):
+    for name in ("gpu_checks", *BENCH_REPORTS, "ckpt_stall"):
         assert (session_out / f"{name}.json").is_file(), name
     log = (session_out / "session.log").read_text()
     assert "FAIL" not in log
 
 
+@pytest.mark.slow
 def test_checkpoint_stall_report(session_out: Path) -> None:
     report = read_report(session_out, "ckpt_stall")
     stall = report["stall"]
@@ -85,32 +95,40 @@ def test_checkpoint_stall_report(session_out: Path) -> None:
     assert recovery["death_to_first_step_seconds"] > 0
 
 
-@pytest.mark.parametrize("name", STEP_REPORTS)
-def test_step_report_fields(session_out: Path, name: str) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BENCH_REPORTS)
+def test_bench_report_fields(session_out: Path, name: str) -> None:
     report = read_report(session_out, name)
-    assert report["config"] == name.removeprefix("step_").removesuffix("_ac")
+    mode, _, config = name.partition("_")
+    assert (report["mode"], report["config"]) == (mode, config.removesuffix("_ac"))
     assert report["device"].startswith("cpu")
     assert report["precision"] == "fp32"  # precision=auto stays fp32 on a CPU
     assert (report["embed_dim"], report["depth"], report["batch_per_gpu"]) == (32, 2, TINY_BATCH)
     assert report["activation_checkpointing"] is name.endswith("_ac")
     assert (report["warmup_steps"], report["timed_steps"]) == (1, 2)
-    assert report["mean_step_s"] > 0 and report["median_step_s"] > 0
-    assert report["samples_per_s"] == pytest.approx(TINY_BATCH / report["mean_step_s"])
-    assert report["flops_per_step"] > 0
-    expected_tflops = report["flops_per_step"] / report["mean_step_s"] / 1e12
-    assert report["achieved_tflops"] == pytest.approx(expected_tflops)
+    median_s = report["step_ms_median"] / 1e3
+    assert report["images_per_s"] == pytest.approx(TINY_BATCH / median_s)
+    assert report["tflops_executed"] == pytest.approx(
+        report["flops_per_step_executed"] / median_s / 1e12
+    )
     # No known peak for a CPU, hence no MFU; no CUDA memory figure off CUDA.
-    assert report["peak_tflops"] is None and report["mfu"] is None
+    assert report["peak_tflops"] is None and report["mfu_nominal"] is None
     assert report["peak_memory_gib"] is None
+    if mode == "e2e":
+        assert 0 <= report["data_wait_fraction"] <= 1 and report["loader_workers"] == 0
+    else:
+        assert report["data_wait_fraction"] is None
 
 
-def test_step_reports_name_the_arch(session_out: Path) -> None:
+@pytest.mark.slow
+def test_bench_reports_name_the_arch(session_out: Path) -> None:
     quickstart = read_report(session_out, "step_quickstart")
-    vitl = read_report(session_out, "step_vitl16_short")
+    vitl = read_report(session_out, "e2e_vitl16_short")
     assert (quickstart["arch"], quickstart["patch_size"]) == ("vit_small", 8)
     assert (vitl["arch"], vitl["patch_size"]) == ("vit_large", 16)
 
 
+@pytest.mark.slow
 def test_gpu_checks_report(session_out: Path) -> None:
     report = read_report(session_out, "gpu_checks")
     assert report["device"] == "cpu" and report["all_ok"] is True
@@ -133,46 +151,6 @@ def test_gpu_checks_report(session_out: Path) -> None:
     # Autocast must round something (0 would mean it never ran in bf16), but stay within tolerance.
     for key in ("relative_error_cls", "relative_error_patch"):
         assert 0 < bf16[key] <= bf16["tolerance"]
-
-
-def test_default_peak_is_known_only_for_hopper_gpus() -> None:
-    step_time = load_script("step_time")
-    assert step_time.default_peak_tflops("NVIDIA H200") == 989.0
-    assert step_time.default_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert step_time.default_peak_tflops("NVIDIA A100-SXM4-80GB") is None
-    assert step_time.default_peak_tflops("cpu (x86_64)") is None
-
-
-def test_report_arithmetic_from_hand_picked_step_times() -> None:
-    step_time = load_script("step_time")
-    cfg = step_time.benchmark_config("quickstart", TINY_OVERRIDES)
-    measurement = step_time.Measurement(
-        device=torch.device("cpu"),
-        device_name="NVIDIA H200",
-        warmup_steps=2,
-        step_seconds=[0.5, 2.5, 0.6],
-        peak_memory_bytes=3 * 2**30,
-        flops_per_step=5e13,
-    )
-    report = step_time.build_report(cfg, "quickstart", [], measurement, peak_tflops=None)
-    assert report["mean_step_s"] == pytest.approx(1.2)
-    assert report["median_step_s"] == pytest.approx(0.6)
-    assert report["samples_per_s"] == pytest.approx(TINY_BATCH / 1.2)
-    assert report["achieved_tflops"] == pytest.approx(50 / 1.2)
-    assert report["peak_tflops"] == 989.0  # the H200 default
-    assert report["mfu"] == pytest.approx(50 / 1.2 / 989)
-    assert report["peak_memory_gib"] == pytest.approx(3.0)
-    assert (report["warmup_steps"], report["timed_steps"]) == (2, 3)
-    given = step_time.build_report(cfg, "quickstart", [], measurement, peak_tflops=100.0)
-    assert given["mfu"] == pytest.approx(50 / 1.2 / 100)
-
-
-def test_too_short_schedule_is_refused_before_building_anything() -> None:
-    step_time = load_script("step_time")
-    cfg = step_time.benchmark_config("quickstart", TINY_OVERRIDES)
-    # TINY_OVERRIDES schedule 2 epochs x 3 steps = 6 steps.
-    with pytest.raises(SystemExit, match="only 6 steps"):
-        step_time.measure(cfg, warmup=3, steps=4)
 
 
 def _processes_naming(text: str) -> list[int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rsdino import __version__
+from rsdino.bench.arguments import add_bench_commands
 from rsdino.config.loader import ConfigError, available_presets, config_to_yaml, load_config
 from rsdino.data.arguments import add_data_commands
 from rsdino.error_boundary import run_reporting_errors
@@ -95,6 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_eval_commands(sub)
     _add_export_command(sub)
+    add_bench_commands(sub)
     return parser
 
 
@@ -182,11 +184,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse, letting ``train`` options stand between its key=value overrides."""
+    """Parse, letting the options of a command with overrides (``train``, ``bench train``) stand
+    between its key=value overrides."""
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
-    if stray or (extra and args.command != "train"):
+    if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

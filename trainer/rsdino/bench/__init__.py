@@ -1,0 +1,1 @@
+"""``rsdino bench``: measurements of the trainer itself (step time, throughput, MFU)."""
