@@ -92,6 +92,10 @@ def test_malformed_override() -> None:
         ("student.embed_dim=100", r"multiple of num_heads"),
         ("student.block_chunks=3", r"student\.block_chunks=3 must divide"),
         ("teacher.momentum_teacher=1.5", r"teacher\.momentum_teacher"),
+        ("dino.head_nlayers=0", r"dino\.head_nlayers=0 must be >= 1"),
+        ("metrics.port=70000", r"metrics\.port=70000 must be null or in \[1, 65535\]"),
+        ("curves.tensorboard=maybe", r"curves\.tensorboard='maybe' is not one of"),
+        ("checkpoint.keep=0", r"checkpoint\.keep=0 must be >= 1"),
     ],
 )
 def test_impossible_values_fail_with_key(override: str, pattern: str) -> None:

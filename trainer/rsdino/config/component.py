@@ -39,10 +39,15 @@ class Checks:
     def probability(self, key: str, value: float) -> None:
         self.require(0.0 <= value <= 1.0, key, "must be a probability in [0, 1]", value)
 
-    def interval(self, key: str, values: Sequence[float], low: float, high: float) -> None:
-        """``values`` is [min, max] with ``low < min <= max <= high``."""
-        ok = len(values) == 2 and low < values[0] <= values[1] <= high
-        self.require(ok, key, f"must be [min, max] with {low} < min <= max <= {high}", values)
+    def interval(
+        self, key: str, values: Sequence[float], low: float, high: float, low_ok: bool = False
+    ) -> None:
+        """``values`` is [min, max] with ``low < min <= max <= high`` (``low <= min`` with
+        ``low_ok``)."""
+        above = values[0] >= low if low_ok else values[0] > low
+        ok = len(values) == 2 and above and values[0] <= values[1] <= high
+        bound = "<=" if low_ok else "<"
+        self.require(ok, key, f"must be [min, max] with {low} {bound} min <= max <= {high}", values)
 
     def raise_any(self) -> None:
         if self.problems:

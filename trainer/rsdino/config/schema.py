@@ -14,30 +14,10 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
+from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
-
-
-@dataclass
-class DinoConfig:
-    loss_weight: float = MISSING
-    head_n_prototypes: int = MISSING
-    head_bottleneck_dim: int = MISSING
-    head_nlayers: int = MISSING
-    head_hidden_dim: int = MISSING
-    koleo_loss_weight: float = MISSING
-
-
-@dataclass
-class IBotConfig:
-    loss_weight: float = MISSING
-    mask_sample_probability: float = MISSING
-    mask_ratio_min_max: list[float] = MISSING
-    separate_head: bool = MISSING
-    head_n_prototypes: int = MISSING
-    head_bottleneck_dim: int = MISSING
-    head_nlayers: int = MISSING
-    head_hidden_dim: int = MISSING
+from rsdino.train.metrics_config import CurvesConfig, MetricsConfig
 
 
 @dataclass
@@ -149,22 +129,6 @@ class StudentConfig:
     num_register_tokens: int = MISSING
     interpolate_antialias: bool = MISSING
     interpolate_offset: float = MISSING
-
-
-@dataclass
-class MetricsConfig:
-    enabled: bool = MISSING
-    host: str = MISSING
-    port: int | None = MISSING
-    job: str = MISSING
-    peak_flops_per_device: float = MISSING
-
-
-@dataclass
-class CurvesConfig:
-    tensorboard: str = MISSING
-    wandb: bool = MISSING
-    wandb_project: str = MISSING
 
 
 @dataclass

@@ -15,8 +15,10 @@ from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.band_tables import S1_BANDS, S2_LAYOUTS
 from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
 from rsdino.models.specs import ARCH_SPECS, FFN_LAYER_NAMES, FUSE_ALGS, PATCH_EMBED_ADAPT_MODES
+from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
+from rsdino.train.metrics_config import CurvesConfig, MetricsConfig
 
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,10 +34,11 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "optim": OptimConfig,
     "teacher": TeacherConfig,
     "checkpoint": CheckpointConfig,
+    "dino": DinoConfig,
+    "ibot": IBotConfig,
+    "metrics": MetricsConfig,
+    "curves": CurvesConfig,
 }
-
-
-TENSORBOARD_MODES = ("auto", "true", "false")
 
 
 def _choice(problems: list[str], key: str, value: object, choices: tuple[str, ...]) -> None:
@@ -46,16 +49,6 @@ def _choice(problems: list[str], key: str, value: object, choices: tuple[str, ..
 def _check(problems: list[str], ok: bool, message: str) -> None:
     if not ok:
         problems.append(message)
-
-
-def _pair(problems: list[str], key: str, values: list[float], valid: Callable[..., bool]) -> None:
-    if len(values) != 2 or not valid(*values):
-        problems.append(f"{key}={list(values)} must be [low, high] with {valid.__doc__}")
-
-
-def _unit_range(low: float, high: float) -> bool:
-    """0 <= low <= high <= 1"""
-    return 0.0 <= low <= high <= 1.0
 
 
 def _arch_keys(cfg: DictConfig) -> tuple[str, ...]:
@@ -421,7 +414,6 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
     _check(problems, train.log_every_steps >= 1, "train.log_every_steps must be >= 1")
     _check(problems, train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
     _check(problems, train.loss_spike_factor >= 0, "train.loss_spike_factor must be >= 0")
-    _choice(problems, "curves.tensorboard", str(cfg.curves.tensorboard).lower(), TENSORBOARD_MODES)
     _choice(problems, "train.centering", train.centering, CENTERING_MODES)
     _choice(problems, "train.device", train.device, DEVICES)
     _choice(problems, "train.precision", train.precision, PRECISIONS)
@@ -452,18 +444,5 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
             f"crops.{key}={size} must be a positive multiple of student.patch_size="
             f"{student.patch_size}",
         )
-
-    ibot = cfg.ibot
-    _pair(problems, "ibot.mask_ratio_min_max", ibot.mask_ratio_min_max, _unit_range)
-    _check(
-        problems,
-        0.0 <= ibot.mask_sample_probability <= 1.0,
-        "ibot.mask_sample_probability must be in [0, 1]",
-    )
-    for head in ("dino", "ibot"):
-        _check(problems, cfg[head].head_n_prototypes >= 1, f"{head}.head_n_prototypes must be >= 1")
-        _check(problems, cfg[head].head_nlayers >= 1, f"{head}.head_nlayers must be >= 1")
-        _check(problems, cfg[head].loss_weight >= 0, f"{head}.loss_weight must be >= 0")
-    _check(problems, cfg.dino.koleo_loss_weight >= 0, "dino.koleo_loss_weight must be >= 0")
 
     return problems
