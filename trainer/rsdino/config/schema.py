@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
+from rsdino.data.source_config import StorageConfig, SyntheticConfig
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
@@ -30,21 +31,6 @@ class DatasetConfig:
     bands: list[int] = MISSING
     on_error: str = MISSING
     stats: str = MISSING
-
-
-@dataclass
-class StorageConfig:
-    endpoint_url: str | None = MISSING
-    region: str | None = MISSING
-    path_style: bool | None = MISSING
-    max_attempts: int = MISSING
-
-
-@dataclass
-class SyntheticConfig:
-    num_samples: int = MISSING
-    tile_size: int = MISSING
-    num_classes: int = MISSING
 
 
 @dataclass

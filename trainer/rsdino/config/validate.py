@@ -14,6 +14,7 @@ from rsdino.config.component import ConfigProblems
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.band_tables import S1_BANDS, S2_LAYOUTS
 from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
+from rsdino.data.source_config import StorageConfig, SyntheticConfig
 from rsdino.models.specs import ARCH_SPECS, FFN_LAYER_NAMES, FUSE_ALGS, PATCH_EMBED_ADAPT_MODES
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
@@ -38,6 +39,8 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "ibot": IBotConfig,
     "metrics": MetricsConfig,
     "curves": CurvesConfig,
+    "train.storage": StorageConfig,
+    "train.synthetic": SyntheticConfig,
 }
 
 
@@ -350,7 +353,7 @@ def _validate_components(problems: list[str], cfg: DictConfig) -> None:
     """Sections whose dataclass checks itself: building it runs its ``__post_init__``."""
     for section in COMPONENT_CONFIGS:
         try:
-            OmegaConf.to_object(cfg[section])
+            OmegaConf.to_object(OmegaConf.select(cfg, section))
         except ConfigProblems as exc:
             problems.extend(exc.problems)
 
@@ -405,9 +408,6 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
         "student.temporal_year=true is not supported yet: no source passes acquisition years to "
         "the model; set it to false",
     )
-    _check(problems, train.synthetic.num_samples > 0, "train.synthetic.num_samples must be > 0")
-    _check(problems, train.synthetic.tile_size >= 8, "train.synthetic.tile_size must be >= 8")
-    _check(problems, train.synthetic.num_classes >= 2, "train.synthetic.num_classes must be >= 2")
     _check(problems, train.batch_size_per_gpu >= 1, "train.batch_size_per_gpu must be >= 1")
     _check(problems, train.num_workers >= 0, "train.num_workers must be >= 0")
     _check(problems, train.OFFICIAL_EPOCH_LENGTH >= 1, "train.OFFICIAL_EPOCH_LENGTH must be >= 1")
