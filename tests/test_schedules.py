@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from rsdino.ssl.schedules import CosineScheduler, build_schedules, scaled_lr
+from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
+from rsdino.ssl.schedules import CosineScheduler, Schedules, build_schedules, scaled_lr
 
 
 def test_cosine_scheduler_warmup_then_cosine() -> None:
@@ -51,24 +52,17 @@ def test_cosine_scheduler_validates_lengths() -> None:
         CosineScheduler(1.0, 0.0, total_iters=5)[-1]
 
 
-def _schedules(**overrides: float):
-    arguments = dict(
-        lr=1.0,
-        min_lr=0.0,
-        epochs=10,
-        epoch_length=2,
-        warmup_epochs=2,
-        weight_decay=0.04,
-        weight_decay_end=0.4,
-        momentum_teacher=0.992,
-        final_momentum_teacher=1.0,
-        teacher_temp=0.07,
-        warmup_teacher_temp=0.04,
-        warmup_teacher_temp_epochs=3,
-        freeze_last_layer_epochs=1,
+def _schedules(epoch_length: int = 2, **overrides: float) -> Schedules:
+    """Schedules of a 10-epoch run at lr 1 (scaling rule none), with ``overrides`` of either
+    section's keys."""
+    optim = {"base_lr": 1.0, "min_lr": 0.0, "epochs": 10, "warmup_epochs": 2}
+    optim |= {"scaling_rule": "none", "freeze_last_layer_epochs": 1}
+    teacher = {"warmup_teacher_temp_epochs": 3}
+    for key, value in overrides.items():
+        (optim if hasattr(OptimConfig, key) else teacher)[key] = value
+    return build_schedules(
+        OptimConfig(**optim), TeacherConfig(**teacher), epoch_length=epoch_length, global_batch=8
     )
-    arguments.update(overrides)
-    return build_schedules(**arguments)
 
 
 def test_build_schedules_teacher_temp_warms_up_then_stays() -> None:
@@ -116,3 +110,13 @@ def test_scaled_lr_rules() -> None:
     assert scaled_lr(0.004, 512, "none") == 0.004
     with pytest.raises(ValueError, match="sqrt_wrt_1024"):
         scaled_lr(0.004, 512, "cubic")
+
+
+def test_build_schedules_scales_the_peak_lr_with_the_global_batch() -> None:
+    optim = OptimConfig(base_lr=0.004, min_lr=0.0, epochs=2, warmup_epochs=1)
+    schedules = build_schedules(optim, TeacherConfig(), epoch_length=3, global_batch=256)
+    # sqrt_wrt_1024: 0.004 * sqrt(256 / 1024); the warmup (3 iterations) ends at the peak.
+    assert schedules.lr[2] == pytest.approx(0.002)
+    # freeze_last_layer_epochs=1 by default: the first 3 iterations, then the lr schedule.
+    assert schedules.last_layer_lr[2] == 0.0
+    assert schedules.last_layer_lr[3] == schedules.lr[3]

@@ -3,7 +3,7 @@
 import math
 from dataclasses import dataclass
 
-from rsdino.ssl.schedule_config import LR_SCALING_RULES
+from rsdino.ssl.schedule_config import LR_SCALING_RULES, OptimConfig, TeacherConfig
 
 
 class CosineScheduler:
@@ -108,22 +108,10 @@ def scaled_lr(base_lr: float, global_batch_size: int, rule: str) -> float:
 
 
 def build_schedules(
-    *,
-    lr: float,
-    min_lr: float,
-    epochs: int,
-    epoch_length: int,
-    warmup_epochs: float,
-    weight_decay: float,
-    weight_decay_end: float,
-    momentum_teacher: float,
-    final_momentum_teacher: float,
-    teacher_temp: float,
-    warmup_teacher_temp: float,
-    warmup_teacher_temp_epochs: float,
-    freeze_last_layer_epochs: float,
+    optim: OptimConfig, teacher: TeacherConfig, *, epoch_length: int, global_batch: int
 ) -> Schedules:
-    """DINOv2's schedules; epoch quantities become iterations via ``epoch_length``.
+    """DINOv2's schedules; epoch quantities become iterations via ``epoch_length``, and the lr
+    scaling rule sees the ``global_batch`` (per-GPU batch x ranks).
 
     The teacher temperature warms up linearly and then stays at ``teacher_temp`` (its schedule ends
     with the warmup, so later indices return the final value).
@@ -132,21 +120,26 @@ def build_schedules(
     def to_iters(n_epochs: float) -> int:
         return round(n_epochs * epoch_length)
 
-    total_iters = to_iters(epochs)
-    warmup_iters = to_iters(warmup_epochs)
-    temp_warmup_iters = to_iters(warmup_teacher_temp_epochs)
+    lr = scaled_lr(optim.base_lr, global_batch, optim.scaling_rule)
+    min_lr = optim.min_lr
+    total_iters = to_iters(optim.epochs)
+    warmup_iters = to_iters(optim.warmup_epochs)
+    temp_warmup_iters = to_iters(teacher.warmup_teacher_temp_epochs)
+    frozen_iters = to_iters(optim.freeze_last_layer_epochs)
     return Schedules(
         lr=CosineScheduler(lr, min_lr, total_iters, warmup_iters),
-        wd=CosineScheduler(weight_decay, weight_decay_end, total_iters),
-        momentum=CosineScheduler(momentum_teacher, final_momentum_teacher, total_iters),
+        wd=CosineScheduler(optim.weight_decay, optim.weight_decay_end, total_iters),
+        momentum=CosineScheduler(
+            teacher.momentum_teacher, teacher.final_momentum_teacher, total_iters
+        ),
         teacher_temp=CosineScheduler(
-            teacher_temp,
-            teacher_temp,
+            teacher.teacher_temp,
+            teacher.teacher_temp,
             temp_warmup_iters,
             warmup_iters=temp_warmup_iters,
-            start_warmup_value=warmup_teacher_temp,
+            start_warmup_value=teacher.warmup_teacher_temp,
         ),
         last_layer_lr=FrozenStartCosineScheduler(
-            lr, min_lr, total_iters, warmup_iters, frozen_iters=to_iters(freeze_last_layer_epochs)
+            lr, min_lr, total_iters, warmup_iters, frozen_iters=frozen_iters
         ),
     )

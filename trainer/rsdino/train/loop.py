@@ -39,7 +39,7 @@ from rsdino.errors import ExitCode, RsdinoError
 from rsdino.models.build import describe_encoders, modalities
 from rsdino.ssl.meta_arch import N_GLOBAL_CROPS, SSLBatch, SSLMetaArch
 from rsdino.ssl.param_groups import apply_optim_schedule, build_param_groups
-from rsdino.ssl.schedules import Schedules, build_schedules, scaled_lr
+from rsdino.ssl.schedules import Schedules, build_schedules
 from rsdino.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -94,23 +94,12 @@ def total_steps(cfg: DictConfig) -> int:
 
 
 def make_schedules(cfg: DictConfig, world_size: int = 1) -> Schedules:
-    """DINOv2's schedules; the lr scaling rule sees the global batch (per-GPU batch x ranks)."""
-    optim, teacher = cfg.optim, cfg.teacher
-    global_batch = cfg.train.batch_size_per_gpu * world_size
+    """DINOv2's schedules for this run's global batch (per-GPU batch x ranks)."""
     return build_schedules(
-        lr=scaled_lr(optim.base_lr, global_batch, optim.scaling_rule),
-        min_lr=optim.min_lr,
-        epochs=optim.epochs,
+        OmegaConf.to_object(cfg.optim),
+        OmegaConf.to_object(cfg.teacher),
         epoch_length=cfg.train.OFFICIAL_EPOCH_LENGTH,
-        warmup_epochs=optim.warmup_epochs,
-        weight_decay=optim.weight_decay,
-        weight_decay_end=optim.weight_decay_end,
-        momentum_teacher=teacher.momentum_teacher,
-        final_momentum_teacher=teacher.final_momentum_teacher,
-        teacher_temp=teacher.teacher_temp,
-        warmup_teacher_temp=teacher.warmup_teacher_temp,
-        warmup_teacher_temp_epochs=teacher.warmup_teacher_temp_epochs,
-        freeze_last_layer_epochs=optim.freeze_last_layer_epochs,
+        global_batch=cfg.train.batch_size_per_gpu * world_size,
     )
 
 
