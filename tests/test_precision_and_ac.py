@@ -189,3 +189,39 @@ def test_dinov2_compute_precision_keys_point_to_their_replacement() -> None:
         tiny_config("compute_precision.grad_scaler=true")
     assert "train.precision" in str(error.value)
     assert "train.reduce_precision" in str(error.value)
+
+
+def _blocks_and_saved_dtypes(autocast: bool) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    """Dtypes of every block's output and of every saved activation of the token stream's shape
+    [B, T, D], over one training forward of a ViT with LayerScale and position embeddings."""
+    torch.manual_seed(0)
+    model = build_vit("vit_small", patch_size=8, img_size=32, in_chans=3, init_values=1e-5)
+    model.train()
+    images = torch.randn(2, 3, 32, 32)
+    stream_shape = (2, 1 + (32 // 8) ** 2, model.embed_dim)
+    block_dtypes: set[torch.dtype] = set()
+    saved_dtypes: set[torch.dtype] = set()
+    for block in model.modules():
+        if type(block).__name__ == "Block":
+            block.register_forward_hook(lambda _m, _i, out: block_dtypes.add(out.dtype))
+
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        if tuple(saved.shape) == stream_shape:
+            saved_dtypes.add(saved.dtype)
+        return saved
+
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved),
+    ):
+        model.forward_features(images)
+    return block_dtypes, saved_dtypes
+
+
+def test_the_residual_stream_stays_in_the_autocast_dtype() -> None:
+    """fp32 parameters added to or multiplied into the stream (position embedding, LayerScale)
+    must not promote a bf16 stream back to fp32: its saved activations would cost ~1.4x."""
+    blocks, saved = _blocks_and_saved_dtypes(autocast=True)
+    assert blocks == {torch.bfloat16}
+    assert saved == {torch.bfloat16}
+    assert _blocks_and_saved_dtypes(autocast=False) == ({torch.float32}, {torch.float32})

@@ -183,12 +183,13 @@ class VisionTransformer(nn.Module):
     def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
         """Position embedding [1, 1+N, D] for an input of h x w pixels, in ``x``'s dtype.
 
-        Returns the stored parameter itself when the input grid equals the training grid.
+        Returns the stored parameter itself (cast) when the input grid equals the training grid:
+        added in fp32 it would promote a bf16 token stream to fp32 under autocast.
         """
         grid = (h // self.patch_size, w // self.patch_size)
         stored_side = math.isqrt(self.pos_embed.shape[1] - 1)
         if grid == (stored_side, stored_side):
-            return self.pos_embed
+            return self.pos_embed.to(x.dtype)
         patch_pos = resample_patch_pos_embed(
             self.pos_embed[:, 1:].float(),
             grid,
