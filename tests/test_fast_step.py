@@ -25,6 +25,7 @@ from rsdino.ssl.param_groups import apply_optim_schedule
 from rsdino.train import loop
 from rsdino.train.loop import Trainer, make_optimizer
 from rsdino.train.metrics import estimate_step_cost
+from rsdino.train.runtime import resolve_compile
 
 DIM, HEADS, TOKENS = 16, 2, 5
 
@@ -265,3 +266,35 @@ def test_fused_adamw_matches_foreach_on_the_trainer_param_groups(
     assert all(not torch.equal(a, b) for a, b in zip(start, after, strict=True))
     for a, b in zip(after, fused_model.student.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# --- torch.compile of the blocks (train.compile) ----------------------------------------------
+
+
+def test_compile_auto_means_cuda_only() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (resolve_compile("auto", cpu), resolve_compile("auto", cuda)) == (False, True)
+    assert (resolve_compile("True", cpu), resolve_compile("false", cuda)) == (True, False)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(tmp_path: Path) -> None:
+    """Two steps with compiled blocks (stochastic depth on a subset included) give the eager
+    losses and weights: compiling is a speed change only, and it keeps the state_dict keys."""
+    dataset = build_dataset(tiny_config())
+    batch = collate_samples([dataset[index] for index in range(4)])
+    runs = {}
+    for mode in ("false", "true"):
+        trainer = Trainer(
+            tiny_config(f"train.compile={mode}", "student.drop_path_rate=0.3"),
+            tmp_path / mode,
+            resume=False,
+        )
+        losses = [trainer.train_step(batch, step)["total"] for step in range(2)]
+        runs[mode] = (torch.stack(losses), trainer.model.state_dict())
+    (eager_losses, eager_state), (compiled_losses, compiled_state) = runs["false"], runs["true"]
+    assert torch.allclose(compiled_losses, eager_losses, rtol=1e-5, atol=1e-5)
+    assert compiled_state.keys() == eager_state.keys()
+    assert all(
+        torch.allclose(compiled_state[key], eager_state[key], atol=1e-5) for key in eager_state
+    )

@@ -73,6 +73,7 @@ class TrainConfig:
     precision: str = MISSING
     reduce_precision: str = MISSING
     activation_checkpointing: bool = MISSING
+    compile: str = MISSING
     log_every_steps: int = MISSING
     collective_timeout_s: int = MISSING
     loss_spike_factor: float = MISSING

@@ -24,6 +24,7 @@ from rsdino.train.metrics_config import CurvesConfig, MetricsConfig
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
+COMPILE_MODES = ("auto", "true", "false")
 REDUCE_PRECISIONS = ("fp32", "bf16")
 EVAL_DATASETS = ("synthetic", "eurosat")
 SEASONAL_LOCALS = ("same", "any")
@@ -417,6 +418,8 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
     _choice(problems, "train.centering", train.centering, CENTERING_MODES)
     _choice(problems, "train.device", train.device, DEVICES)
     _choice(problems, "train.precision", train.precision, PRECISIONS)
+    # A YAML `true` arrives as "True" in this string key.
+    _choice(problems, "train.compile", str(train.compile).lower(), COMPILE_MODES)
     _choice(problems, "train.reduce_precision", train.reduce_precision, REDUCE_PRECISIONS)
 
     for key in _arch_keys(cfg):

@@ -251,6 +251,13 @@ class VisionTransformer(nn.Module):
             return checkpoint(block, tokens, use_reentrant=False)
         return block(tokens)
 
+    def compile_blocks(self) -> None:
+        """torch.compile every block in place, one graph per block as torchtitan does: the
+        parameter names and checkpoint keys do not change, and activation checkpointing and
+        FSDP2 wrap the compiled blocks as they wrap plain ones."""
+        for block in self._flat_blocks():
+            block.compile()
+
     def _flat_blocks(self) -> list[nn.Module]:
         """The transformer blocks in order, without the Identity padding of chunks."""
         if not self.chunked_blocks:

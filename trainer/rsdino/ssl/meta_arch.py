@@ -213,6 +213,12 @@ class SSLMetaArch(nn.Module):
         total = torch.stack(list(parts.values())).sum()
         return total, {name: value.detach() for name, value in parts.items()}
 
+    def compile_blocks(self) -> None:
+        """torch.compile the transformer blocks of every student and teacher backbone."""
+        for side in (self.student, self.teacher):
+            for backbone in side["encoder"].backbones.values():
+                backbone.compile_blocks()
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         update_teacher_ema(

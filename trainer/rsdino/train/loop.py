@@ -65,6 +65,7 @@ from rsdino.train.progress import ProgressReporter
 from rsdino.train.run_manifest import config_changes
 from rsdino.train.runtime import (
     autocast,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     resolve_reduce_precision,
@@ -307,6 +308,8 @@ class Trainer:
 
         torch.manual_seed(self.seed)  # the initial weights, identical on every rank
         self.model = SSLMetaArch(cfg).to(self.device)
+        if resolve_compile(cfg.train.compile, self.device):
+            self.model.compile_blocks()  # before sharding, so FSDP2 wraps the compiled blocks
         if self.ctx.distributed:
             reduce_dtype = resolve_reduce_precision(cfg.train.reduce_precision)
             shard_model(self.model, self.amp_dtype, reduce_dtype)

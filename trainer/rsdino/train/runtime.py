@@ -39,6 +39,13 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def resolve_compile(requested: str, device: torch.device) -> bool:
+    """Whether to torch.compile the transformer blocks: ``auto`` does on CUDA only, where fused
+    kernels pay for the compile time; on a CPU the compile takes longer than a short run."""
+    mode = str(requested).lower()
+    return device.type == "cuda" if mode == "auto" else mode == "true"
+
+
 def resolve_reduce_precision(requested: str) -> torch.dtype:
     """The dtype FSDP2 reduce-scatters gradients in.
 
