@@ -31,6 +31,7 @@ BENCH_REPORTS = (
         for mode in ("model", "step", "e2e")
         for config in ("quickstart", "vitl16_short")
     ),
+    "model_vitl16_short_eager",
     "model_vitl16_short_ac",
 )
 TINY_BATCH = 4  # the dry run's train.batch_size_per_gpu
@@ -100,11 +101,13 @@ def test_checkpoint_stall_report(session_out: Path) -> None:
 def test_bench_report_fields(session_out: Path, name: str) -> None:
     report = read_report(session_out, name)
     mode, _, config = name.partition("_")
-    assert (report["mode"], report["config"]) == (mode, config.removesuffix("_ac"))
+    variant = config.removeprefix("quickstart").removeprefix("vitl16_short")
+    assert (report["mode"], report["config"]) == (mode, config.removesuffix(variant))
     assert report["device"].startswith("cpu")
     assert report["precision"] == "fp32"  # precision=auto stays fp32 on a CPU
     assert (report["embed_dim"], report["depth"], report["batch_per_gpu"]) == (32, 2, TINY_BATCH)
-    assert report["activation_checkpointing"] is name.endswith("_ac")
+    assert report["activation_checkpointing"] is (variant == "_ac")
+    assert report["compiled_blocks"] is False  # compile=auto is off on a CPU; eager says so too
     assert (report["warmup_steps"], report["timed_steps"]) == (1, 2)
     median_s = report["step_ms_median"] / 1e3
     assert report["images_per_s"] == pytest.approx(TINY_BATCH / median_s)

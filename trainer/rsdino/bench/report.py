@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rsdino.models.vit import ARCH_SPECS
-from rsdino.train.runtime import resolve_precision
+from rsdino.train.runtime import resolve_compile, resolve_precision
 
 # Dense bf16 peak of the GPUs we benchmark on (NVIDIA datasheets, SXM parts, no sparsity).
 PEAK_TFLOPS_BY_DEVICE = {"H100": 989.0, "H200": 989.0}
@@ -98,9 +98,8 @@ def build_report(
         "overrides": overrides,
         **encoder_shape(cfg),
         "precision": "fp32" if precision is None else str(precision).removeprefix("torch."),
-        "activation_checkpointing": OmegaConf.select(
-            cfg, "train.activation_checkpointing", default=False
-        ),
+        "activation_checkpointing": cfg.train.activation_checkpointing,
+        "compiled_blocks": resolve_compile(cfg.train.compile, measurement.device),
         "batch_per_gpu": batch_size,
         "global_crops_size": cfg.crops.global_crops_size,
         "local_crops_size": cfg.crops.local_crops_size,
