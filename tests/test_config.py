@@ -98,6 +98,7 @@ def test_malformed_override() -> None:
         ("checkpoint.keep=0", r"checkpoint\.keep=0 must be >= 1"),
         ("train.storage.max_attempts=0", r"train\.storage\.max_attempts=0 must be >= 1"),
         ("train.synthetic.tile_size=4", r"train\.synthetic\.tile_size=4 must be >= 8"),
+        ("train.views.seasonal.locals=all", r"seasonal\.locals='all' is not one of same, any"),
     ],
 )
 def test_impossible_values_fail_with_key(override: str, pattern: str) -> None:

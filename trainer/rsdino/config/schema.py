@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
+from rsdino.data.seasonal import SeasonalViewsConfig
 from rsdino.data.source_config import StorageConfig, SyntheticConfig
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
@@ -31,14 +32,6 @@ class DatasetConfig:
     bands: list[int] = MISSING
     on_error: str = MISSING
     stats: str = MISSING
-
-
-@dataclass
-class SeasonalViewsConfig:
-    enabled: bool = MISSING
-    min_days_apart: int = MISSING
-    max_days_apart: int = MISSING
-    locals: str = MISSING
 
 
 @dataclass

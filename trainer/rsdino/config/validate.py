@@ -14,6 +14,7 @@ from rsdino.config.component import ConfigProblems
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.band_tables import S1_BANDS, S2_LAYOUTS
 from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
+from rsdino.data.seasonal import SeasonalViewsConfig
 from rsdino.data.source_config import StorageConfig, SyntheticConfig
 from rsdino.models.specs import ARCH_SPECS, FFN_LAYER_NAMES, FUSE_ALGS, PATCH_EMBED_ADAPT_MODES
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
@@ -27,7 +28,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("auto", "true", "false")
 REDUCE_PRECISIONS = ("fp32", "bf16")
 EVAL_DATASETS = ("synthetic", "eurosat")
-SEASONAL_LOCALS = ("same", "any")
 CLOUD_POLICIES = ("drop", "sar_only", "weight")
 # Sections whose dataclass owns its defaults, field docs and checks (see config/component.py).
 COMPONENT_CONFIGS: dict[str, type] = {
@@ -42,6 +42,7 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "curves": CurvesConfig,
     "train.storage": StorageConfig,
     "train.synthetic": SyntheticConfig,
+    "train.views.seasonal": SeasonalViewsConfig,
 }
 
 
@@ -155,14 +156,14 @@ def _validate_seasonal_views(problems: list[str], cfg: DictConfig) -> None:
         f"sen12ms, synthetic or shards packed with --seasonal-days (not {source!r}: it has "
         "single dates)",
     )
-    low = 1 if source == "synthetic" else 0  # a synthetic second date is a real gap in season
+    # The window itself is SeasonalViewsConfig's to check; a synthetic second date is a real gap
+    # in the season, so that source needs one day at least.
     _check(
         problems,
-        low <= seasonal.min_days_apart <= seasonal.max_days_apart,
-        f"train.views.seasonal: need {low} <= min_days_apart ({seasonal.min_days_apart}) <= "
-        f"max_days_apart ({seasonal.max_days_apart})",
+        source != "synthetic" or seasonal.min_days_apart >= 1,
+        "train.views.seasonal.min_days_apart=0 with train.dataset.source=synthetic: its second "
+        "date is another day of the season; set min_days_apart >= 1",
     )
-    _choice(problems, "train.views.seasonal.locals", seasonal.locals, SEASONAL_LOCALS)
 
 
 def _validate_dataset(problems: list[str], cfg: DictConfig) -> None:
