@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
+from rsdino.data.clouds_config import CloudsConfig
 from rsdino.data.seasonal import SeasonalViewsConfig
 from rsdino.data.source_config import StorageConfig, SyntheticConfig
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
@@ -37,14 +38,6 @@ class DatasetConfig:
 @dataclass
 class ViewsConfig:
     seasonal: SeasonalViewsConfig = field(default_factory=SeasonalViewsConfig)
-
-
-@dataclass
-class CloudsConfig:
-    scores: str = MISSING
-    max_fraction: float = MISSING
-    policy: str = MISSING
-    loss_weight: float = MISSING
 
 
 @dataclass

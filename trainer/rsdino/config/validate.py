@@ -14,6 +14,7 @@ from rsdino.config.component import ConfigProblems
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.band_tables import S1_BANDS, S2_LAYOUTS
 from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
+from rsdino.data.clouds_config import CloudsConfig
 from rsdino.data.seasonal import SeasonalViewsConfig
 from rsdino.data.source_config import StorageConfig, SyntheticConfig
 from rsdino.models.specs import ARCH_SPECS, FFN_LAYER_NAMES, FUSE_ALGS, PATCH_EMBED_ADAPT_MODES
@@ -28,7 +29,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("auto", "true", "false")
 REDUCE_PRECISIONS = ("fp32", "bf16")
 EVAL_DATASETS = ("synthetic", "eurosat")
-CLOUD_POLICIES = ("drop", "sar_only", "weight")
 # Sections whose dataclass owns its defaults, field docs and checks (see config/component.py).
 COMPONENT_CONFIGS: dict[str, type] = {
     "crops": CropsConfig,
@@ -43,6 +43,7 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "train.storage": StorageConfig,
     "train.synthetic": SyntheticConfig,
     "train.views.seasonal": SeasonalViewsConfig,
+    "train.clouds": CloudsConfig,
 }
 
 
@@ -116,12 +117,8 @@ def _validate_multimodal(problems: list[str], cfg: DictConfig) -> None:
 
 
 def _validate_clouds(problems: list[str], cfg: DictConfig) -> None:
+    """What the filter needs from other sections; its own values are CloudsConfig's to check."""
     clouds = cfg.train.clouds
-    _check(
-        problems,
-        0.0 <= clouds.max_fraction <= 1.0,
-        f"train.clouds.max_fraction={clouds.max_fraction} must be in [0, 1] (1: off)",
-    )
     if clouds.max_fraction >= 1:
         return
     _check(
@@ -129,12 +126,6 @@ def _validate_clouds(problems: list[str], cfg: DictConfig) -> None:
         cfg.train.dataset.source == "sen12ms",
         f"train.clouds.max_fraction needs train.dataset.source=sen12ms (the scores name its "
         f"Sentinel-2 files), not {cfg.train.dataset.source!r}",
-    )
-    _choice(problems, "train.clouds.policy", clouds.policy, CLOUD_POLICIES)
-    _check(
-        problems,
-        0.0 <= clouds.loss_weight <= 1.0,
-        f"train.clouds.loss_weight={clouds.loss_weight} must be in [0, 1]",
     )
     _check(
         problems,
