@@ -124,7 +124,7 @@ def test_periodic_eval_on_eurosat_folders_during_training(tmp_path: Path) -> Non
             ["train.dataset.source=sen12ms", "train.dataset.uri=/data"],
             r"evaluation.dataset=synthetic .* needs train.dataset.source=synthetic",
         ),
-        (["evaluation.dataset=eurosat"], r"evaluation.dataset=eurosat needs evaluation.uri"),
+        (["evaluation.dataset=eurosat"], r"evaluation.uri is needed by evaluation.dataset=eurosat"),
         (["evaluation.uri=/data"], r"evaluation.uri does not apply to evaluation.dataset=synth"),
         (["evaluation.dataset=bigearthnet"], r"evaluation.dataset='bigearthnet' is not one of"),
         (["evaluation.ks=[0]"], r"evaluation.ks=\[0\] must list neighbour counts >= 1"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+_UNSHOWN = object()  # a problem whose message is clearer without the value
+
 
 class ConfigProblems(ValueError):
     """One component's bad values, each a message naming its key's full path."""
@@ -26,9 +28,11 @@ class Checks:
         self.section = section
         self.problems: list[str] = []
 
-    def require(self, ok: bool, key: str, rule: str, value: object) -> None:
+    def require(self, ok: bool, key: str, rule: str, value: object = _UNSHOWN) -> None:
+        """Unless ``ok``: "<section>.<key>=<value> <rule>" (without "=<value>" if not given)."""
         if not ok:
-            self.problems.append(f"{self.section}.{key}={_show(value)} {rule}")
+            shown = "" if value is _UNSHOWN else f"={_show(value)}"
+            self.problems.append(f"{self.section}.{key}{shown} {rule}")
 
     def choice(self, key: str, value: str, choices: Sequence[str]) -> None:
         if value not in choices:

@@ -20,6 +20,7 @@ from rsdino.data.source_config import StorageConfig, SyntheticConfig
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
+from rsdino.train.evaluation_config import EvaluationConfig
 from rsdino.train.metrics_config import CurvesConfig, MetricsConfig
 
 
@@ -102,20 +103,6 @@ class StudentConfig:
     num_register_tokens: int = MISSING
     interpolate_antialias: bool = MISSING
     interpolate_offset: float = MISSING
-
-
-@dataclass
-class EvaluationConfig:
-    eval_period_iterations: int = MISSING
-    dataset: str = MISSING
-    uri: str = MISSING
-    split_dir: str = MISSING
-    val_fraction: float = MISSING
-    synthetic_counts: list[int] = MISSING
-    tile_size: int = MISSING
-    ks: list[int] = MISSING
-    temperature: float = MISSING
-    batch_size: int = MISSING
 
 
 @dataclass

@@ -21,6 +21,7 @@ from rsdino.models.specs import ARCH_SPECS, FFN_LAYER_NAMES, FUSE_ALGS, PATCH_EM
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
+from rsdino.train.evaluation_config import EvaluationConfig
 from rsdino.train.metrics_config import CurvesConfig, MetricsConfig
 
 CENTERING_MODES = ("centering", "sinkhorn_knopp")
@@ -28,7 +29,6 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("auto", "true", "false")
 REDUCE_PRECISIONS = ("fp32", "bf16")
-EVAL_DATASETS = ("synthetic", "eurosat")
 # Sections whose dataclass owns its defaults, field docs and checks (see config/component.py).
 COMPONENT_CONFIGS: dict[str, type] = {
     "crops": CropsConfig,
@@ -44,6 +44,7 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "train.synthetic": SyntheticConfig,
     "train.views.seasonal": SeasonalViewsConfig,
     "train.clouds": CloudsConfig,
+    "evaluation": EvaluationConfig,
 }
 
 
@@ -220,14 +221,10 @@ def s2_band_count(cfg: DictConfig) -> int | None:
 
 
 def _validate_evaluation(problems: list[str], cfg: DictConfig) -> None:
-    """Periodic kNN: only what applies to the chosen evaluation dataset may be set."""
+    """What periodic kNN needs from other sections; its own keys are EvaluationConfig's."""
     ev = cfg.evaluation
-    _check(
-        problems, ev.eval_period_iterations >= 0, "evaluation.eval_period_iterations must be >= 0"
-    )
     if ev.eval_period_iterations == 0:
         return
-    _choice(problems, "evaluation.dataset", ev.dataset, EVAL_DATASETS)
     if ev.dataset == "synthetic":
         _check(
             problems,
@@ -236,42 +233,13 @@ def _validate_evaluation(problems: list[str], cfg: DictConfig) -> None:
             f"train.dataset.source=synthetic (not {cfg.train.dataset.source!r}); use "
             "evaluation.dataset=eurosat with evaluation.uri",
         )
-        for key in ("uri", "split_dir"):
-            _check(
-                problems,
-                not ev[key],
-                f"evaluation.{key} does not apply to evaluation.dataset=synthetic",
-            )
-        _check(
-            problems,
-            len(ev.synthetic_counts) == 2 and min(ev.synthetic_counts) >= 1,
-            "evaluation.synthetic_counts must be [memory-bank tiles, query tiles], each >= 1",
-        )
     elif ev.dataset == "eurosat":
-        _check(
-            problems,
-            bool(ev.uri),
-            "evaluation.dataset=eurosat needs evaluation.uri (path or s3://)",
-        )
-        _check(
-            problems,
-            0.0 < ev.val_fraction < 1.0,
-            "evaluation.val_fraction must be in (0, 1)",
-        )
         _check(
             problems,
             not cfg.train.dataset.bands,
             "periodic evaluation of a band subset (train.dataset.bands) is not supported; run "
             "`rsdino eval knn` on a checkpoint instead",
         )
-    _check(problems, ev.tile_size >= 0, "evaluation.tile_size must be >= 0 (0: the default)")
-    _check(
-        problems,
-        len(ev.ks) > 0 and min(ev.ks) >= 1,
-        f"evaluation.ks={list(ev.ks)} must list neighbour counts >= 1",
-    )
-    _check(problems, ev.temperature > 0, "evaluation.temperature must be > 0")
-    _check(problems, ev.batch_size >= 1, "evaluation.batch_size must be >= 1")
 
 
 # Keys that only one mode reads: set away from default.yaml in another mode, they would be
