@@ -17,6 +17,7 @@ from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.clouds_config import CloudsConfig
 from rsdino.data.seasonal import SeasonalViewsConfig
 from rsdino.data.source_config import StorageConfig, SyntheticConfig
+from rsdino.models.encoder_config import StudentConfig
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
@@ -64,45 +65,6 @@ class TrainConfig:
     log_every_steps: int = MISSING
     collective_timeout_s: int = MISSING
     loss_spike_factor: float = MISSING
-
-
-@dataclass
-class CrossAttentionConfig:
-    nhead: int = MISSING
-    nlayer: int = MISSING
-    dropout: float = MISSING
-
-
-@dataclass
-class StudentConfig:
-    arch: str = MISSING
-    arch_s1: str = MISSING
-    arch_s2: str = MISSING
-    patch_size: int = MISSING
-    embed_dim: int | None = MISSING
-    depth: int | None = MISSING
-    num_heads: int | None = MISSING
-    in_chans: int = MISSING
-    in_chans_s1: int = MISSING
-    in_chans_s2: int = MISSING
-    fuse_alg: str = MISSING
-    xattn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
-    temporal_embedding: bool = MISSING
-    temporal_year: bool = MISSING
-    drop_path_rate: float = MISSING
-    layerscale: float | None = MISSING
-    drop_path_uniform: bool = MISSING
-    pretrained_weights: str = MISSING
-    pretrained_patch_embed_adapt: str = MISSING
-    pretrained_rgb_band_indices: list[int] = MISSING
-    ffn_layer: str = MISSING
-    block_chunks: int = MISSING
-    qkv_bias: bool = MISSING
-    proj_bias: bool = MISSING
-    ffn_bias: bool = MISSING
-    num_register_tokens: int = MISSING
-    interpolate_antialias: bool = MISSING
-    interpolate_offset: float = MISSING
 
 
 @dataclass

@@ -17,7 +17,8 @@ from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
 from rsdino.data.clouds_config import CloudsConfig
 from rsdino.data.seasonal import SeasonalViewsConfig
 from rsdino.data.source_config import StorageConfig, SyntheticConfig
-from rsdino.models.specs import ARCH_SPECS, FFN_LAYER_NAMES, FUSE_ALGS, PATCH_EMBED_ADAPT_MODES
+from rsdino.models.encoder_config import StudentConfig
+from rsdino.models.specs import ARCH_SPECS
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
@@ -45,6 +46,7 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "train.views.seasonal": SeasonalViewsConfig,
     "train.clouds": CloudsConfig,
     "evaluation": EvaluationConfig,
+    "student": StudentConfig,
 }
 
 
@@ -104,10 +106,7 @@ def _validate_multimodal(problems: list[str], cfg: DictConfig) -> None:
         f"student.in_chans_s1={student.in_chans_s1} but Sentinel-1 has {len(S1_BANDS)} bands "
         f"({', '.join(S1_BANDS)})",
     )
-    _choice(problems, "student.fuse_alg", student.fuse_alg, FUSE_ALGS)
     xattn = student.xattn
-    _check(problems, xattn.nlayer >= 0, "student.xattn.nlayer must be >= 0")
-    _check(problems, 0.0 <= xattn.dropout < 1.0, "student.xattn.dropout must be in [0, 1)")
     fused_dim = max(encoder_dims(cfg).values(), default=0)
     if student.fuse_alg == "xattn":
         _check(
@@ -363,12 +362,6 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
             train.modality_dropout == 0,
             "train.modality_dropout needs train.multimodal=true",
         )
-    _check(
-        problems,
-        not student.temporal_year,
-        "student.temporal_year=true is not supported yet: no source passes acquisition years to "
-        "the model; set it to false",
-    )
     _check(problems, train.batch_size_per_gpu >= 1, "train.batch_size_per_gpu must be >= 1")
     _check(problems, train.num_workers >= 0, "train.num_workers must be >= 0")
     _check(problems, train.OFFICIAL_EPOCH_LENGTH >= 1, "train.OFFICIAL_EPOCH_LENGTH must be >= 1")
@@ -384,21 +377,6 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
 
     for key in _arch_keys(cfg):
         _validate_arch(problems, cfg, key)
-    _choice(problems, "student.ffn_layer", student.ffn_layer, FFN_LAYER_NAMES)
-    _choice(
-        problems,
-        "student.pretrained_patch_embed_adapt",
-        student.pretrained_patch_embed_adapt,
-        PATCH_EMBED_ADAPT_MODES,
-    )
-    _check(problems, student.patch_size >= 1, "student.patch_size must be >= 1")
-    _check(problems, student.in_chans >= 1, "student.in_chans must be >= 1")
-    _check(problems, student.num_register_tokens >= 0, "student.num_register_tokens must be >= 0")
-    _check(
-        problems, 0.0 <= student.drop_path_rate < 1.0, "student.drop_path_rate must be in [0, 1)"
-    )
-    if student.depth is not None:
-        _check(problems, student.depth >= 1, "student.depth must be >= 1")
     for key in ("global_crops_size", "local_crops_size"):
         size = crops[key]
         _check(
