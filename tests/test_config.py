@@ -209,3 +209,12 @@ def test_component_checks_name_every_bad_key_at_once() -> None:
     # The same checks guard a component built without a config file.
     with pytest.raises(ConfigProblems, match=r"augment\.contrast=1\.5 must be in \[0, 1\]"):
         AugmentConfig(contrast=1.5)
+
+
+def test_dataset_checks_name_the_key_and_the_fix() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config("quickstart", ["train.dataset.source=satlas", "train.dataset.on_error=retry"])
+    message = str(raised.value)
+    assert "train.dataset.on_error='retry' is not one of skip, fail" in message
+    assert "train.dataset.uri is needed by train.dataset.source='satlas'" in message
+    assert "set train.dataset.s2_layout=satlas" in message

@@ -16,25 +16,13 @@ from omegaconf import MISSING
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.clouds_config import CloudsConfig
 from rsdino.data.seasonal import SeasonalViewsConfig
-from rsdino.data.source_config import StorageConfig, SyntheticConfig
+from rsdino.data.source_config import DatasetConfig, StorageConfig, SyntheticConfig
 from rsdino.models.encoder_config import StudentConfig
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
 from rsdino.train.evaluation_config import EvaluationConfig
 from rsdino.train.metrics_config import CurvesConfig, MetricsConfig
-
-
-@dataclass
-class DatasetConfig:
-    source: str = MISSING
-    uri: str = MISSING
-    split: str = MISSING
-    s2_layout: str = MISSING
-    layout: str = MISSING
-    bands: list[int] = MISSING
-    on_error: str = MISSING
-    stats: str = MISSING
 
 
 @dataclass

@@ -13,10 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from rsdino.config.component import ConfigProblems
 from rsdino.data.augment_config import AugmentConfig, CropsConfig
 from rsdino.data.band_tables import S1_BANDS, S2_LAYOUTS
-from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
 from rsdino.data.clouds_config import CloudsConfig
 from rsdino.data.seasonal import SeasonalViewsConfig
-from rsdino.data.source_config import StorageConfig, SyntheticConfig
+from rsdino.data.source_config import DatasetConfig, StorageConfig, SyntheticConfig
 from rsdino.models.encoder_config import StudentConfig
 from rsdino.models.specs import ARCH_SPECS
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
@@ -41,6 +40,7 @@ COMPONENT_CONFIGS: dict[str, type] = {
     "ibot": IBotConfig,
     "metrics": MetricsConfig,
     "curves": CurvesConfig,
+    "train.dataset": DatasetConfig,
     "train.storage": StorageConfig,
     "train.synthetic": SyntheticConfig,
     "train.views.seasonal": SeasonalViewsConfig,
@@ -158,33 +158,14 @@ def _validate_seasonal_views(problems: list[str], cfg: DictConfig) -> None:
 
 
 def _validate_dataset(problems: list[str], cfg: DictConfig) -> None:
-    dataset = cfg.train.dataset
-    _choice(problems, "train.dataset.source", dataset.source, SOURCES)
-    _choice(problems, "train.dataset.on_error", dataset.on_error, ON_ERROR)
-    if dataset.source == "synthetic":
-        return
-    _check(
-        problems,
-        bool(dataset.uri),
-        f"train.dataset.source={dataset.source!r} needs train.dataset.uri (a local path or "
-        "s3://bucket/prefix)",
-    )
-    expected_layout = {"sen12ms": "sen12ms", "satlas": "satlas"}.get(dataset.source)
-    if expected_layout:
-        _check(
-            problems,
-            dataset.s2_layout == expected_layout,
-            f"train.dataset.source={dataset.source!r} stores the {expected_layout} band layout; "
-            f"set train.dataset.s2_layout={expected_layout}",
-        )
-    if dataset.source == "sen12ms":
-        _choice(problems, "train.dataset.layout", dataset.layout, SEN12MS_LAYOUTS)
+    """What the dataset needs from the mode; its own keys are DatasetConfig's to check."""
+    source = cfg.train.dataset.source
     if cfg.train.multimodal:
         _check(
             problems,
-            dataset.source in ("sen12ms", "shards"),
+            source in ("sen12ms", "shards", "synthetic"),
             f"train.multimodal=true needs paired Sentinel-1/-2 data (source sen12ms, shards or "
-            f"synthetic), not {dataset.source!r}",
+            f"synthetic), not {source!r}",
         )
 
 
@@ -331,7 +312,6 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
     _validate_clouds(problems, cfg)
     _validate_seasonal_views(problems, cfg)
     _validate_applicable(problems, cfg, defaults)
-    _choice(problems, "train.dataset.s2_layout", train.dataset.s2_layout, tuple(S2_LAYOUTS))
     s2_key = "student.in_chans_s2" if train.multimodal else "student.in_chans"
     s2_chans = student.in_chans_s2 if train.multimodal else student.in_chans
     bands = s2_band_count(cfg)

@@ -1,11 +1,61 @@
-"""Configs of where samples come from that need no other section to check
-(``train.storage.*``, ``train.synthetic.*``), torch-free."""
+"""Configs of where samples come from (``train.dataset.*``, ``train.storage.*``,
+``train.synthetic.*``), torch-free. Checks that need another section (band counts against
+``student.in_chans``, multimodal pairs) are in ``config/validate.py``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rsdino.config.component import Checks
+from rsdino.data.band_tables import S2_LAYOUTS
+from rsdino.data.choices import ON_ERROR, SEN12MS_LAYOUTS, SOURCES
+
+# Sources whose files fix the Sentinel-2 band layout.
+_SOURCE_LAYOUTS = {"sen12ms": "sen12ms", "satlas": "satlas"}
+
+
+@dataclass
+class DatasetConfig:
+    """Which samples a run trains on."""
+
+    source: str = "synthetic"
+    """synthetic (built in), sen12ms, satlas, geotiff or shards."""
+    uri: str = ""
+    """Local path or s3://bucket/prefix of the dataset root."""
+    split: str = "train"
+    """sen12ms: train, val, test or all; satlas: the split folder."""
+    s2_layout: str = "sen12ms"
+    """sen12ms (13 bands) or satlas (9 bands)."""
+    layout: str = "tree"
+    """sen12ms: tree (ROI folders) or pairs ({split}_all.json)."""
+    bands: list[int] = field(default_factory=list)
+    """geotiff: 1-based bands in s2_layout order to train on; empty: all."""
+    on_error: str = "skip"
+    """A bad tile: skip (count, log once, serve the next) or fail."""
+    stats: str = ""
+    """Band statistics from `rsdino data stats` (path or s3://); "": the defaults."""
+
+    def __post_init__(self) -> None:
+        checks = Checks("train.dataset")
+        checks.choice("source", self.source, SOURCES)
+        checks.choice("on_error", self.on_error, ON_ERROR)
+        checks.choice("s2_layout", self.s2_layout, tuple(S2_LAYOUTS))
+        if self.source != "synthetic":
+            rule = (
+                f"is needed by train.dataset.source={self.source!r} (a path or s3://bucket/prefix)"
+            )
+            checks.require(bool(self.uri), "uri", rule)
+        expected = _SOURCE_LAYOUTS.get(self.source)
+        checks.require(
+            expected is None or self.s2_layout == expected,
+            "s2_layout",
+            f"does not match train.dataset.source={self.source!r}, which stores the {expected} "
+            f"band layout; set train.dataset.s2_layout={expected}",
+            self.s2_layout,
+        )
+        if self.source == "sen12ms":
+            checks.choice("layout", self.layout, SEN12MS_LAYOUTS)
+        checks.raise_any()
 
 
 @dataclass
