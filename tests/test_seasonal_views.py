@@ -235,7 +235,7 @@ def test_two_ranks_match_one_rank_with_seasonal_views(series: Path, tmp_path: Pa
                 "train.views.seasonal.min_days_apart=90",
                 "train.views.seasonal.max_days_apart=30",
             ],
-            r"need 0 <= min_days_apart \(90\) <= max_days_apart \(30\)",
+            r"train\.views\.seasonal\.min_days_apart=90 must be in \[0, max_days_apart=30\]",
         ),
         (
             [
