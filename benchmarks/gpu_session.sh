@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session, run from the repository root:   bash benchmarks/gpu_session.sh
 #
-# 1. device-side data path and bf16 checks (benchmarks/gpu_checks.py);
+# 1. device-side data path and bf16 checks (benchmarks/gpu_checks.py), and the cost of building a
+#    step's views (benchmarks/view_building.py: multi-crop of 64 Sen12MS pairs, iBOT masks);
 # 2. step time / images/s / MFU (`rsdino bench train` in model, step and e2e mode, reports
 #    MODE_CONFIG.json) of the quickstart preset and of vitl16_short (ViT-L/16) with and without
 #    train.activation_checkpointing; vitl16_short tries the preset's own batch first and, only
@@ -85,11 +86,13 @@ if [ "$DRY_RUN" = "1" ]; then
     CHECK_ARGS=(--device cpu --batch 4 --tile 32 --repeats 2 --vit-arch vit_small --vit-depth 2
         --vit-batch 2 --vit-image 32 --crops crops.global_crops_size=32 crops.local_crops_size=16
         crops.local_crops_number=2)
+    VIEW_ARGS=(--device cpu --batch 4 --tile 64 --global-size 32 --local-size 16 --repeats 2)
     QUICKSTART_STEPS=(--warmup 1 --steps 2)
     VITL_STEPS=(--warmup 1 --steps 2)
 else
     RUN_OVERRIDES=(train.device=cuda)
     CHECK_ARGS=(--device cuda)
+    VIEW_ARGS=(--device cuda)
     QUICKSTART_STEPS=(--warmup 5 --steps 20)
     VITL_STEPS=(--warmup 3 --steps 10)
 fi
@@ -106,6 +109,8 @@ fi
 # --- 1. Functional checks -----------------------------------------------------------------
 run_step gpu_checks 120 "$PYTHON" benchmarks/gpu_checks.py "${CHECK_ARGS[@]}" \
     --out "$OUT/gpu_checks.json" || failures=$((failures + 1))
+run_step view_building 90 "$PYTHON" benchmarks/view_building.py "${VIEW_ARGS[@]}" \
+    --out "$OUT/view_building.json" || failures=$((failures + 1))
 
 # --- 2. Step time, images/s and MFU: optimisation alone, full step, end to end --------------
 BENCH_MODES=(model step e2e)

@@ -72,7 +72,7 @@ def read_report(out: Path, name: str) -> dict:
 
 @pytest.mark.slow
 def test_dry_run_writes_every_report_and_a_log(session_out: Path) -> None:
-    for name in ("gpu_checks", *BENCH_REPORTS, "ckpt_stall"):
+    for name in ("gpu_checks", "view_building", *BENCH_REPORTS, "ckpt_stall"):
         assert (session_out / f"{name}.json").is_file(), name
     log = (session_out / "session.log").read_text()
     assert "FAIL" not in log

@@ -9,6 +9,7 @@ Randomness comes from one CPU generator: the same generator state gives the same
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -127,18 +128,46 @@ def _check_images(images: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     return next(iter(shapes.values()))
 
 
-def _either(
-    first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], chosen: torch.Tensor
+@dataclass
+class _ViewDraws:
+    """The random draws of one view of a rank's samples, on the CPU.
+
+    ``photometry[name]`` holds the modality's ``gain`` [b, C] and ``contrast``, ``brightness``,
+    ``blurred`` and ``sigma`` [b]; ``from_second`` [b] says which samples take the second date.
+    """
+
+    theta: torch.Tensor
+    photometry: dict[str, dict[str, torch.Tensor]]
+    from_second: torch.Tensor | None
+
+
+def _to_device_in_one_copy(
+    tensors: dict[str, torch.Tensor], device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Per sample, every modality of the second date where ``chosen``, else of the first."""
-    pick = chosen.to(next(iter(first.values())).device)[:, None, None, None]
-    return {name: torch.where(pick, second[name], first[name]) for name in first}
+    """The CPU tensors on ``device`` as float32, moved together.
+
+    One host-to-device copy (from pinned memory, so it does not block the host) instead of one
+    per parameter tensor: a step's views otherwise wait on about sixty small blocking copies.
+    Integer and bool values survive float32 exactly (indices below 2**24).
+    """
+    flat = torch.cat([tensor.reshape(-1).to(torch.float32) for tensor in tensors.values()])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    parts = flat.split([tensor.numel() for tensor in tensors.values()])
+    return {
+        key: part.view(tensor.shape)
+        for (key, tensor), part in zip(tensors.items(), parts, strict=True)
+    }
 
 
 class MultiCropAugment:
     """DINOv2 multi-crop (2 global + n local views) for a batch of co-registered modalities.
 
     Outputs are crop-major: rows v*B .. (v+1)*B-1 of each tensor hold view v of samples 0..B-1.
+    All draws are made on the CPU first and moved in one copy; the views of one crop size are
+    then cut by one ``grid_sample`` per modality and source date, and jittered and blurred in
+    batched kernels.
     """
 
     def __init__(
@@ -175,7 +204,7 @@ class MultiCropAugment:
         cut from it, and with ``locals_from_either`` each local crop of a sample from either
         date (drawn; ``"local_from_second"`` says which). Without it the draws are today's.
         """
-        batch = _check_images(images)[0]
+        batch, height, width = _check_images(images)
         share = share or BatchShare(batch)
         if share.batch_size != batch:
             raise ValueError(f"a share of {share.batch_size} samples, but {batch} images")
@@ -183,113 +212,163 @@ class MultiCropAugment:
             second.keys() != images.keys() or _check_images(second) != _check_images(images)
         ):
             raise ValueError("the second date must have the first date's shapes")
-        sources = [images, images if second is None else second]
-        crops = self.crops
-        global_views = [
-            self._view(
-                source, crops.global_crops_size, crops.global_crops_scale, prob, generator, share
+        crops, channels = self.crops, {name: images[name].shape[1] for name in sorted(images)}
+
+        def draw(scale: tuple[float, float], blur_prob: float, from_second: torch.Tensor | None):
+            return self._draw_view(
+                (height, width), channels, scale, blur_prob, from_second, generator, share
             )
-            for source, prob in zip(sources, self.augment.blur_prob_global, strict=True)
+
+        global_draws = [
+            draw(
+                crops.global_crops_scale,
+                prob,
+                None if second is None else torch.full((batch,), bool(view)),
+            )
+            for view, prob in enumerate(self.augment.blur_prob_global)
         ]
-        local_views, from_second = [], []
+        local_draws = []
         for _ in range(crops.local_crops_number):
-            source = images
+            chosen = None
             if second is not None and locals_from_either:
                 chosen = (torch.rand(share.global_batch, generator=generator) < 0.5)[share.samples]
-                source = _either(images, second, chosen)
-                from_second.append(chosen)
-            local_views.append(
-                self._view(
-                    source,
-                    crops.local_crops_size,
-                    crops.local_crops_scale,
-                    self.augment.blur_prob_local,
-                    generator,
-                    share,
-                )
-            )
+            local_draws.append(draw(crops.local_crops_scale, self.augment.blur_prob_local, chosen))
+        device = next(iter(images.values())).device
+        sources = (images,) if second is None else (images, second)
         views = {
-            "global_crops": self._stack_views(images, global_views, crops.global_crops_size),
-            "local_crops": self._stack_views(images, local_views, crops.local_crops_size),
+            "global_crops": self._render(sources, global_draws, crops.global_crops_size, device),
+            "local_crops": self._render(sources, local_draws, crops.local_crops_size, device),
         }
-        if from_second:
-            views["local_from_second"] = torch.cat(from_second)
+        if local_draws and local_draws[0].from_second is not None:
+            views["local_from_second"] = torch.cat([view.from_second for view in local_draws])
+        return views
+
+    def _draw_view(
+        self,
+        image_size: tuple[int, int],
+        channels: dict[str, int],
+        scale: tuple[float, float],
+        blur_prob: float,
+        from_second: torch.Tensor | None,
+        generator: torch.Generator,
+        share: BatchShare,
+    ) -> _ViewDraws:
+        """One view's shared geometry, then each modality's photometry (sorted by name, so the
+        random stream does not depend on the dict's insertion order)."""
+        total, mine, aug = share.global_batch, share.samples, self.augment
+        center, half_size = sample_crop_boxes(total, *image_size, scale, self.ratio, generator)
+        hflip = torch.rand(total, generator=generator) < aug.flip_prob
+        vflip = torch.rand(total, generator=generator) < aug.flip_prob
+        turns = torch.randint(0, 4 if aug.rotate90 else 1, (total,), generator=generator)
+        theta = crop_affine(center[mine], half_size[mine], hflip[mine], vflip[mine], turns[mine])
+        photometry = {}
+        for name, bands in channels.items():
+            draws = {
+                "gain": _uniform(
+                    (total, bands), 1.0 - aug.band_jitter, 1.0 + aug.band_jitter, generator
+                ),
+                "contrast": _uniform((total,), 1.0 - aug.contrast, 1.0 + aug.contrast, generator),
+                "brightness": _uniform((total,), -aug.brightness, aug.brightness, generator),
+                "blurred": torch.rand(total, generator=generator) < blur_prob,
+                "sigma": _uniform((total,), aug.blur_sigma[0], aug.blur_sigma[1], generator),
+            }
+            photometry[name] = {key: values[mine] for key, values in draws.items()}
+        return _ViewDraws(theta, photometry, from_second)
+
+    def _render(
+        self,
+        sources: tuple[dict[str, torch.Tensor], ...],
+        draws: list[_ViewDraws],
+        size: int,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """The views of one crop size, stacked crop-major, for every modality."""
+        first = sources[0]
+        if not draws:
+            return {
+                name: tensor.new_empty((0, tensor.shape[1], size, size))
+                for name, tensor in first.items()
+            }
+        cpu = {"theta": torch.cat([view.theta for view in draws])}
+        if draws[0].from_second is not None:
+            cpu["pick_second"] = torch.cat([view.from_second for view in draws])
+        blurs = {}
+        for name in first:
+            for key in ("gain", "contrast", "brightness", "sigma"):
+                cpu[f"{name}.{key}"] = torch.cat([view.photometry[name][key] for view in draws])
+            blurred = torch.cat([view.photometry[name]["blurred"] for view in draws])
+            blurs[name] = bool(blurred.any())
+            cpu[f"{name}.blur_rows"] = blurred.nonzero()[:, 0]
+        on = _to_device_in_one_copy(cpu, device)
+        pick_second = on["pick_second"] > 0.5 if "pick_second" in on else None
+        grid = self._grid(on["theta"], len(draws), size)
+        views = {}
+        for name in first:
+            crops = self._sample(sources, name, grid, len(draws), pick_second)
+            views[name] = self._photometric(
+                crops,
+                on[f"{name}.gain"],
+                on[f"{name}.contrast"],
+                on[f"{name}.brightness"],
+                on[f"{name}.sigma"],
+                on[f"{name}.blur_rows"].long() if blurs[name] else None,
+            )
         return views
 
     @staticmethod
-    def _stack_views(
-        images: dict[str, torch.Tensor], views: list[dict[str, torch.Tensor]], size: int
-    ) -> dict[str, torch.Tensor]:
-        stacked = {}
-        for name, tensor in images.items():
-            if views:
-                stacked[name] = torch.cat([view[name] for view in views])
-            else:
-                stacked[name] = tensor.new_empty((0, tensor.shape[1], size, size))
-        return stacked
+    def _grid(theta: torch.Tensor, n_views: int, size: int) -> torch.Tensor:
+        """Sampling grid [b, n_views * size, size, 2]: each sample's views stacked vertically,
+        so one ``grid_sample`` cuts all of them without repeating the input image."""
+        grid = F.affine_grid(theta, [theta.shape[0], 1, size, size], align_corners=False)
+        batch = theta.shape[0] // n_views
+        return grid.view(n_views, batch, size, size, 2).transpose(0, 1).flatten(1, 2)
 
-    def _view(
-        self,
-        images: dict[str, torch.Tensor],
-        size: int,
-        scale: tuple[float, float],
-        blur_prob: float,
-        generator: torch.Generator,
-        share: BatchShare,
-    ) -> dict[str, torch.Tensor]:
-        """One view of every sample: shared geometry, then per-modality photometry."""
-        reference = next(iter(images.values()))
-        batch, _, height, width = reference.shape
-        total, mine = share.global_batch, share.samples
-        center, half_size = sample_crop_boxes(total, height, width, scale, self.ratio, generator)
-        hflip = torch.rand(total, generator=generator) < self.augment.flip_prob
-        vflip = torch.rand(total, generator=generator) < self.augment.flip_prob
-        turns = torch.randint(0, 4 if self.augment.rotate90 else 1, (total,), generator=generator)
-        theta = crop_affine(center[mine], half_size[mine], hflip[mine], vflip[mine], turns[mine])
-        theta = theta.to(reference.device)
-        grid = F.affine_grid(theta, [batch, 1, size, size], align_corners=False)
-        view = {}
-        # Sorted, so the random stream does not depend on the dict's insertion order.
-        for name in sorted(images):
-            crops = F.grid_sample(
-                images[name],
-                grid.to(images[name].dtype),
+    @staticmethod
+    def _sample(
+        sources: tuple[dict[str, torch.Tensor], ...],
+        name: str,
+        grid: torch.Tensor,
+        n_views: int,
+        pick_second: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One modality's views [n_views * b, C, size, size], crop-major; where ``pick_second``
+        is set, the row is cut from the second date."""
+
+        def cut(images: torch.Tensor) -> torch.Tensor:
+            out = F.grid_sample(
+                images,
+                grid.to(images.dtype),
                 mode="bilinear",
                 padding_mode="border",
                 align_corners=False,
             )
-            view[name] = self._photometric(crops, blur_prob, generator, share)
-        return view
+            batch, channels, _, size = out.shape
+            out = out.view(batch, channels, n_views, size, size).permute(2, 0, 1, 3, 4)
+            return out.reshape(n_views * batch, channels, size, size)
+
+        crops = cut(sources[0][name])
+        if pick_second is None:
+            return crops
+        return torch.where(pick_second[:, None, None, None], cut(sources[1][name]), crops)
 
     def _photometric(
         self,
         crops: torch.Tensor,
-        blur_prob: float,
-        generator: torch.Generator,
-        share: BatchShare,
+        band_gain: torch.Tensor,
+        contrast: torch.Tensor,
+        brightness: torch.Tensor,
+        sigma: torch.Tensor,
+        blur_rows: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Per-band gain, contrast around each band's mean, additive brightness, optional blur."""
-        channels = crops.shape[1]
-        total, mine = share.global_batch, share.samples
-        aug = self.augment
-        band_gain = _uniform(
-            (total, channels), 1.0 - aug.band_jitter, 1.0 + aug.band_jitter, generator
-        )[mine]
-        contrast = _uniform((total,), 1.0 - aug.contrast, 1.0 + aug.contrast, generator)[mine]
-        brightness = _uniform((total,), -aug.brightness, aug.brightness, generator)[mine]
-        blurred = (torch.rand(total, generator=generator) < blur_prob)[mine]
-        sigma = _uniform((total,), aug.blur_sigma[0], aug.blur_sigma[1], generator)[mine]
-
-        def on_device(values: torch.Tensor) -> torch.Tensor:
-            return values.to(device=crops.device, dtype=crops.dtype)
-
-        crops = crops * on_device(band_gain)[:, :, None, None]
+        """Per-band gain, contrast around each band's mean, additive brightness, then blur of the
+        rows in ``blur_rows``; every factor is one value per row (per band for the gain)."""
+        dtype = crops.dtype
+        crops = crops * band_gain.to(dtype)[:, :, None, None]
         band_mean = crops.mean(dim=(-2, -1), keepdim=True)
-        crops = (crops - band_mean) * on_device(contrast)[:, None, None, None] + band_mean
-        crops = crops + on_device(brightness)[:, None, None, None]
-        if blurred.any():
-            selected = blurred.nonzero()[:, 0].to(crops.device)
-            crops[selected] = gaussian_blur(
-                crops[selected], on_device(sigma[blurred]), self.blur_radius
+        crops = (crops - band_mean) * contrast.to(dtype)[:, None, None, None] + band_mean
+        crops = crops + brightness.to(dtype)[:, None, None, None]
+        if blur_rows is not None:
+            crops[blur_rows] = gaussian_blur(
+                crops[blur_rows], sigma.to(dtype)[blur_rows], self.blur_radius
             )
         return crops

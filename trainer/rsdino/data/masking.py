@@ -5,10 +5,34 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 _ATTEMPTS_PER_BLOCK = 10
+# Uniforms drawn per refill of a UniformStream: an image of a 14x14 grid uses about 36.
+_UNIFORM_CHUNK = 64
+
+
+class UniformStream:
+    """The floats successive ``torch.rand(k, generator=generator)`` calls return, as Python
+    floats drawn a chunk at a time: CPU ``torch.rand`` consumes the generator one value per
+    element in order, so chunking changes the call count, not the values."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.values: list[float] = []
+        self.position = 0
+
+    def take(self, count: int) -> list[float]:
+        """The next ``count`` uniforms in [0, 1)."""
+        while self.position + count > len(self.values):
+            self.values = self.values[self.position :]
+            self.values += torch.rand(_UNIFORM_CHUNK, generator=self.generator).tolist()
+            self.position = 0
+        taken = self.values[self.position : self.position + count]
+        self.position += count
+        return taken
 
 
 def dinov2_max_num_patches(grid_size: tuple[int, int]) -> int:
@@ -64,22 +88,38 @@ class BlockMaskGenerator:
         self.log_aspect_range = (math.log(min_aspect), math.log(max_aspect))
 
     def __call__(self, num_masking_patches: int, generator: torch.Generator) -> torch.Tensor:
-        """A bool [height, width] mask with at most `num_masking_patches` True entries."""
-        mask = torch.zeros((self.height, self.width), dtype=torch.bool)
+        """A bool [height, width] mask with at most `num_masking_patches` True entries.
+
+        Draws come from ``generator`` in chunks (see `UniformStream`), so the generator ends
+        past the draws the mask used; the mask is the one successive 4-draw attempts give.
+        """
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        self.fill(mask, num_masking_patches, UniformStream(generator))
+        return torch.from_numpy(mask)
+
+    def fill(self, mask: np.ndarray, num_masking_patches: int, uniforms: UniformStream) -> None:
+        """Stack blocks on an empty bool [height, width] array, in place.
+
+        Numpy and Python floats rather than torch: a mask takes a few dozen tiny steps, where
+        torch's per-op overhead dominated the step's mask building.
+        """
         count = 0
         while count < num_masking_patches:
             budget = min(num_masking_patches - count, self.max_num_patches)
-            added = self.add_block(mask, budget, generator)
+            added = self._add_block(mask, budget, uniforms)
             if added == 0:
                 break
             count += added
-        return mask
 
-    def add_block(self, mask: torch.Tensor, budget: int, generator: torch.Generator) -> int:
+    def add_block(
+        self, mask: torch.Tensor | np.ndarray, budget: int, generator: torch.Generator
+    ) -> int:
         """Try to mask one rectangle adding 1..budget new patches; return how many it added."""
+        return self._add_block(np.asarray(mask), budget, UniformStream(generator))
+
+    def _add_block(self, mask: np.ndarray, budget: int, uniforms: UniformStream) -> int:
         for _ in range(_ATTEMPTS_PER_BLOCK):
-            draws = torch.rand(4, generator=generator).tolist()
-            added = self.place_block(mask, budget, *draws)
+            added = self.place_block(mask, budget, *uniforms.take(4))
             if added:
                 return added
         return 0
@@ -94,7 +134,7 @@ class BlockMaskGenerator:
 
     def place_block(
         self,
-        mask: torch.Tensor,
+        mask: torch.Tensor | np.ndarray,
         budget: int,
         u_area: float,
         u_aspect: float,
@@ -107,11 +147,11 @@ class BlockMaskGenerator:
             return 0
         top = int(u_top * (self.height - block_height + 1))
         left = int(u_left * (self.width - block_width + 1))
-        block = mask[top : top + block_height, left : left + block_width]
-        added = block.numel() - int(block.sum())
+        block = np.asarray(mask)[top : top + block_height, left : left + block_width]
+        added = block.size - int(np.count_nonzero(block))
         if not 0 < added <= budget:
             return 0
-        block.fill_(True)
+        block[...] = True
         return added
 
 
@@ -164,17 +204,16 @@ def sample_ibot_masks(
     n_masked_images = int(n_images * mask_sample_probability)
     strata = torch.linspace(low, high, n_masked_images + 1)
     ratios = strata[:-1] + torch.rand(n_masked_images, generator=generator) * strata.diff()
+    targets = [int(num_patches * ratio) for ratio in ratios.tolist()]
     seeds = torch.randint(2**62, (n_masked_images,), generator=generator).tolist()
     order = torch.randperm(n_images, generator=generator)
-    selected = order if rows is None else order[rows]
-    masks = []
-    for image in selected.tolist():  # image < n_masked_images: the image-th stratum's mask
+    selected = (order if rows is None else order[rows]).tolist()
+    masks = np.zeros((len(selected), *grid_size), dtype=bool)
+    for row, image in enumerate(selected):  # image < n_masked_images: that stratum's mask
         if image < n_masked_images:
             own = torch.Generator().manual_seed(seeds[image])
-            masks.append(block_masker(int(num_patches * float(ratios[image])), own))
-        else:
-            masks.append(torch.zeros(grid_size, dtype=torch.bool))
-    return masks_from_flat(torch.stack(masks).flatten(1))
+            block_masker.fill(masks[row], targets[image], UniformStream(own))
+    return masks_from_flat(torch.from_numpy(masks).flatten(1))
 
 
 def masks_from_flat(flat_masks: Tensor) -> IBotMasks:
