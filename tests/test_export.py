@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import saved_tensors, tiny_config, tiny_multimodal_config
+from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from rsdino.cli import main
-from rsdino.config.loader import config_to_yaml
+from rsdino.config.loader import ConfigError, config_to_yaml
 from rsdino.data.bands import S2_BANDS_SEN12MS
 from rsdino.data.bands import band_stats as rsdino_band_stats
 from rsdino.errors import ExitCode, RsdinoError
 from rsdino.eval.model import load_eval_model
-from rsdino.export import _band_stats, load_exported_encoder
+from rsdino.export import _band_stats, load_exported_encoder, untrained_encoder
+from rsdino.models.encoder import RemoteSensingEncoder
 from rsdino.train.checkpoint import MARKER, CheckpointError, checkpoint_name
 from rsdino.train.loop import train
 
@@ -173,3 +175,11 @@ def test_unusable_out_fails_before_reading_the_checkpoint(
         assert code == 4 and len(err.strip().splitlines()) == 1, err
         assert str(out) in err and message in err, err
         assert "no complete checkpoint" not in err
+
+
+def test_a_run_config_from_another_version_is_a_clear_error() -> None:
+    stored = OmegaConf.create(config_to_yaml(tiny_config()))
+    assert isinstance(untrained_encoder(stored), RemoteSensingEncoder)
+    stored.student.renamed_option = 1  # a key this version does not know
+    with pytest.raises(ConfigError, match=r"student config does not fit.*renamed_option"):
+        untrained_encoder(stored)

@@ -32,6 +32,7 @@ from rsdino.data.storage import Store
 from rsdino.errors import RsdinoError
 from rsdino.models.build import build_encoder_from_config, modalities
 from rsdino.models.encoder import RemoteSensingEncoder
+from rsdino.models.encoder_config import StudentConfig
 from rsdino.train.checkpoint import CheckpointStore, open_checkpoint_store, read_tensors
 from rsdino.train.output_dir import OutputDirError, output_paths
 
@@ -168,7 +169,32 @@ def checkpoints_of_run(output_dir: Path) -> Store:
             f"{output_dir} has no config.yaml, so it is not an rsdino run directory; pass the "
             "--output-dir given to rsdino train, or --checkpoint-dir"
         )
-    return open_checkpoint_store(load_config(str(config)), output_dir).store
+    cfg = load_config(str(config))
+    return open_checkpoint_store(
+        OmegaConf.to_object(cfg.checkpoint), OmegaConf.to_object(cfg.train.storage), output_dir
+    ).store
+
+
+def untrained_encoder(cfg: DictConfig) -> RemoteSensingEncoder:
+    """The teacher encoder a stored run config describes, for its saved weights to load into.
+
+    The config was re-read from YAML, so its ``student`` node is untyped: merging it into the
+    schema makes the dataclass the builder takes.
+    """
+    try:
+        student = OmegaConf.merge(OmegaConf.structured(StudentConfig), cfg.student)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(
+            f"the run's student config does not fit this rsdino version: {exc}. Evaluate or "
+            "export it with the rsdino version that trained it"
+        ) from exc
+    return build_encoder_from_config(
+        OmegaConf.to_object(student),
+        multimodal=cfg.train.multimodal,
+        img_size=cfg.crops.global_crops_size,
+        drop_path_rate=0.0,
+        load_pretrained=False,
+    )
 
 
 def load_exported_encoder(path: Path) -> RemoteSensingEncoder:
@@ -182,6 +208,6 @@ def load_exported_encoder(path: Path) -> RemoteSensingEncoder:
         cfg = OmegaConf.create(metadata["config"])
     except Exception as exc:  # OmegaConf raises several types on bad YAML
         raise ConfigError(f"the config stored in {path} does not parse: {exc}") from exc
-    encoder = build_encoder_from_config(cfg, drop_path_rate=0.0, load_pretrained=False)
+    encoder = untrained_encoder(cfg)
     encoder.load_state_dict(state, strict=True)
     return encoder.eval()

@@ -17,8 +17,12 @@ from rsdino.data.bands import BandNormalizer
 from rsdino.data.stats import normalizer_stats
 from rsdino.data.storage import open_store
 from rsdino.errors import ExitCode, RsdinoError
-from rsdino.export import TEACHER_PREFIX, checkpoints_of_run, load_exported_encoder
-from rsdino.models.build import build_encoder_from_config
+from rsdino.export import (
+    TEACHER_PREFIX,
+    checkpoints_of_run,
+    load_exported_encoder,
+    untrained_encoder,
+)
 from rsdino.models.encoder import RemoteSensingEncoder
 from rsdino.train.checkpoint import CheckpointStore, read_tensors
 
@@ -102,7 +106,7 @@ def _from_checkpoints(store: CheckpointStore, step: int | None, results_uri: str
     step = store.select_complete(step)
     info = store.read_info(step)
     cfg = OmegaConf.create(info.config)
-    encoder = build_encoder_from_config(cfg, drop_path_rate=0.0, load_pretrained=False)
+    encoder = untrained_encoder(cfg)
     encoder.load_state_dict(read_tensors(store, step, TEACHER_PREFIX), strict=True)
     config_hash = hashlib.sha256(info.config.encode()).hexdigest()[:16]
     return EvalModel(

@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from rsdino.data.masking import IBotMasks
 from rsdino.models.build import build_encoder_from_config, build_head
+from rsdino.models.encoder import RemoteSensingEncoder
+from rsdino.models.encoder_config import StudentConfig
 from rsdino.ssl.ema import update_teacher_ema
+from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 from rsdino.ssl.losses import DinoClsLoss, IBotPatchLoss, KoLeoLoss, normalise_dino_losses
 
 N_GLOBAL_CROPS = 2
@@ -62,38 +65,49 @@ class SSLMetaArch(nn.Module):
     """Holds student, teacher and the loss modules (with their centres) of a DINOv2 run."""
 
     def __init__(self, cfg: DictConfig) -> None:
+        """``cfg`` is the root config: its sections become their dataclasses once, here."""
         super().__init__()
+        student_cfg: StudentConfig = OmegaConf.to_object(cfg.student)
+        dino: DinoConfig = OmegaConf.to_object(cfg.dino)
+        ibot: IBotConfig = OmegaConf.to_object(cfg.ibot)
         self.centering = cfg.train.centering
         self.n_local_crops = cfg.crops.local_crops_number
-        self.dino_weight = cfg.dino.loss_weight
-        self.koleo_weight = cfg.dino.koleo_loss_weight
-        self.ibot_weight = cfg.ibot.loss_weight
-        self.ibot_separate_head = cfg.ibot.separate_head
+        self.dino_weight = dino.loss_weight
+        self.koleo_weight = dino.koleo_loss_weight
+        self.ibot_weight = ibot.loss_weight
+        self.ibot_separate_head = ibot.separate_head
 
-        student_encoder = build_encoder_from_config(
-            cfg, drop_path_rate=cfg.student.drop_path_rate, load_pretrained=True
-        )
+        def encoder(drop_path_rate: float, load_pretrained: bool) -> RemoteSensingEncoder:
+            return build_encoder_from_config(
+                student_cfg,
+                multimodal=cfg.train.multimodal,
+                img_size=cfg.crops.global_crops_size,
+                drop_path_rate=drop_path_rate,
+                load_pretrained=load_pretrained,
+            )
+
+        student_encoder = encoder(student_cfg.drop_path_rate, load_pretrained=True)
         for backbone in student_encoder.backbones.values():
             # Only the student runs a backward; the teacher has no activations to save.
             backbone.grad_checkpointing = cfg.train.activation_checkpointing
         embed_dim = student_encoder.embed_dim
-        student = {"encoder": student_encoder, "dino_head": build_head(cfg.dino, embed_dim)}
+        student = {"encoder": student_encoder, "dino_head": build_head(dino, embed_dim)}
         teacher = {
-            "encoder": build_encoder_from_config(cfg, drop_path_rate=0.0, load_pretrained=False),
-            "dino_head": build_head(cfg.dino, embed_dim),
+            "encoder": encoder(0.0, load_pretrained=False),
+            "dino_head": build_head(dino, embed_dim),
         }
         if self.ibot_separate_head:
-            student["ibot_head"] = build_head(cfg.ibot, embed_dim)
-            teacher["ibot_head"] = build_head(cfg.ibot, embed_dim)
+            student["ibot_head"] = build_head(ibot, embed_dim)
+            teacher["ibot_head"] = build_head(ibot, embed_dim)
         self.student = nn.ModuleDict(student)
         self.teacher = nn.ModuleDict(teacher)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
         ibot_prototypes = (
-            cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
+            ibot.head_n_prototypes if self.ibot_separate_head else dino.head_n_prototypes
         )
-        self.dino_loss = DinoClsLoss(cfg.dino.head_n_prototypes)
+        self.dino_loss = DinoClsLoss(dino.head_n_prototypes)
         self.ibot_loss = IBotPatchLoss(ibot_prototypes)
         self.koleo_loss = KoLeoLoss()
 

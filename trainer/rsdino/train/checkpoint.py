@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -39,8 +38,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from rsdino.data.source_config import StorageConfig
 from rsdino.data.storage import LocalStore, StorageError, Store, open_store
 from rsdino.errors import ExitCode, RsdinoError
+from rsdino.train.checkpoint_config import CheckpointConfig
 from rsdino.train.dcp_store import StoreReader, StoreWriter
 from rsdino.train.output_dir import output_paths
 
@@ -188,11 +189,13 @@ class CheckpointStore:
             self._delete(step, by_step[step])
 
 
-def open_checkpoint_store(cfg: DictConfig, output_dir: Path) -> CheckpointStore:
-    """``checkpoint.dir``, or the run directory's ``checkpoints/``; S3 as for the data."""
-    storage = cfg.train.storage
+def open_checkpoint_store(
+    checkpoint: CheckpointConfig, storage: StorageConfig, output_dir: Path
+) -> CheckpointStore:
+    """``checkpoint.dir``, or the run directory's ``checkpoints/``; S3 as for the data
+    (``train.storage``)."""
     store = open_store(
-        cfg.checkpoint.dir or str(output_paths(output_dir).checkpoints),
+        checkpoint.dir or str(output_paths(output_dir).checkpoints),
         endpoint_url=storage.endpoint_url,
         region=storage.region,
         path_style=storage.path_style,

@@ -338,7 +338,11 @@ class Trainer:
             self.paths.config.write_text(config_to_yaml(cfg))
 
     def _make_checkpointer(self, resume: bool) -> Checkpointer:
-        store = open_checkpoint_store(self.cfg, self.paths.root)
+        store = open_checkpoint_store(
+            OmegaConf.to_object(self.cfg.checkpoint),
+            OmegaConf.to_object(self.cfg.train.storage),
+            self.paths.root,
+        )
         if not resume and self.cfg.checkpoint.dir and store.complete_steps():
             raise RsdinoError(
                 f"--no-resume, but checkpoint.dir={self.cfg.checkpoint.dir} already holds "
@@ -614,7 +618,7 @@ class Trainer:
         )
         log.info(
             "training %s on %s (%s) x %d ranks for %d steps, batch %d per rank, output %s",
-            describe_encoders(cfg),
+            describe_encoders(OmegaConf.to_object(cfg.student), multimodal=cfg.train.multimodal),
             self.device,
             "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
             self.ctx.world_size,
