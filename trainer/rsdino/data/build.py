@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from rsdino.data.bands import S2_LAYOUTS
 from rsdino.data.choices import SAMPLE_SOURCES
 from rsdino.data.cloud_scores import SCORES_KEY, cloud_fractions, read_scores
+from rsdino.data.clouds_config import CloudsConfig
 from rsdino.data.seasonal import SeasonalViews
+from rsdino.data.source_config import DatasetConfig, StorageConfig
 from rsdino.data.sources import (
     GeoTiffFolderSource,
     SatlasSource,
@@ -44,8 +46,10 @@ class SourceSpec:
     storage: dict = field(default_factory=dict)  # endpoint_url, region, path_style, max_attempts
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> SourceSpec:
-        dataset, storage = cfg.train.dataset, cfg.train.storage
+    def from_config(
+        cls, dataset: DatasetConfig, storage: StorageConfig, *, multimodal: bool
+    ) -> SourceSpec:
+        """The spec of ``train.dataset``, read through ``train.storage``."""
         return cls(
             source=dataset.source,
             uri=dataset.uri,
@@ -54,7 +58,7 @@ class SourceSpec:
             bands=list(dataset.bands),
             s2_layout=dataset.s2_layout,
             on_error=dataset.on_error,
-            multimodal=cfg.train.multimodal,
+            multimodal=multimodal,
             storage={
                 "endpoint_url": storage.endpoint_url,
                 "region": storage.region,
@@ -108,7 +112,7 @@ def build_dataset(cfg: DictConfig) -> Dataset:
     Real sources are always wrapped in ``SkipBadSamples``: under ``fail`` it skips nothing, but it
     is where a loader worker's error is turned into a batch the training process re-raises.
     """
-    dataset = cfg.train.dataset
+    dataset: DatasetConfig = OmegaConf.to_object(cfg.train.dataset)
     seasonal = cfg.train.views.seasonal
     views = (
         SeasonalViews(seasonal.min_days_apart, seasonal.max_days_apart, cfg.train.seed)
@@ -127,16 +131,18 @@ def build_dataset(cfg: DictConfig) -> Dataset:
         if views is not None:
             world.enable_seasonal_views(views)
         return world
-    spec = SourceSpec.from_config(cfg)
+    storage: StorageConfig = OmegaConf.to_object(cfg.train.storage)
+    spec = SourceSpec.from_config(dataset, storage, multimodal=cfg.train.multimodal)
     source = open_source(spec)
-    if cfg.train.clouds.max_fraction < 1:
-        drop_cloudy(source, spec, cfg.train.clouds)
+    clouds: CloudsConfig = OmegaConf.to_object(cfg.train.clouds)
+    if clouds.max_fraction < 1:
+        drop_cloudy(source, spec, clouds)
     if views is not None:
         source.enable_seasonal_views(views)  # after the cloud filter: partners are clear ones
     return SkipBadSamples(source)
 
 
-def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: DictConfig) -> None:
+def drop_cloudy(source: Sen12MSSource, spec: SourceSpec, clouds: CloudsConfig) -> None:
     """Leave out the acquisitions scored cloudier than ``clouds.max_fraction`` (``drop``), or
     mark them so the student sees their Sentinel-1 alone (``sar_only``) or their loss terms are
     scaled (``weight``).

@@ -206,7 +206,11 @@ def open_shard_stream(cfg: DictConfig, start_position: int, ctx: DistContext) ->
     """Packed shards (``rsdino data pack``), checked against the configured band layout."""
     seasonal = cfg.train.views.seasonal
     stream = ShardStream(
-        SourceSpec.from_config(cfg).open_store(),
+        SourceSpec.from_config(
+            OmegaConf.to_object(cfg.train.dataset),
+            OmegaConf.to_object(cfg.train.storage),
+            multimodal=cfg.train.multimodal,
+        ).open_store(),
         share=rank_share(cfg, ctx),
         seed=cfg.train.seed,
         start_position=start_position,
