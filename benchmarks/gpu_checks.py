@@ -8,6 +8,10 @@
    with the same output shapes and dtypes as on the CPU, from the same random draws; augmentation
    samples/s on the device.
 3. bf16: a ViT forward under bf16 autocast stays within a relative tolerance of fp32 (TF32 off).
+4. fast step: training steps of a config (quickstart) on the same seeded batch give the same
+   losses on the fast path (``train.compile=auto``, ``train.precision=auto``: compiled blocks and
+   bf16 on a GPU; stochastic depth on a batch subset at rate 0.3) as on the plain eager fp32 path
+   (TF32 off), within the bf16 tolerance.
 
 On a CPU every check still runs (the transfer is then a no-op and its bandwidth is not reported),
 so the script can be tried anywhere; the figures are meant for a GPU.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,11 +35,12 @@ import torch
 
 from rsdino.config.loader import load_config
 from rsdino.data.bands import BandNormalizer, band_stats
+from rsdino.data.build import build_dataset
 from rsdino.data.collate import collate_samples
 from rsdino.data.synthetic import SyntheticLandCover
 from rsdino.models.vit import build_vit
-from rsdino.train.loop import make_augment
-from rsdino.train.runtime import resolve_device
+from rsdino.train.loop import Trainer, make_augment
+from rsdino.train.runtime import resolve_compile, resolve_device
 
 # bf16 keeps 8 mantissa bits (unit roundoff 2^-9); through a ViT-L the output drifts by about 1%
 # (measured on CPU: 0.8-0.9%), so 3% flags a broken autocast without flagging rounding.
@@ -173,6 +179,39 @@ def check_bf16_forward(
     }
 
 
+def step_losses(overrides: list[str], batch: dict, steps: int) -> tuple[list[float], dict]:
+    """Total loss of each of ``steps`` training steps on ``batch``, and the path's settings."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        cfg = load_config("quickstart", overrides)
+        trainer = Trainer(cfg, Path(output_dir), resume=False)
+        losses = [float(trainer.train_step(batch, step)["total"]) for step in range(steps)]
+    settings = {
+        "precision": "fp32" if trainer.amp_dtype is None else str(trainer.amp_dtype)[6:],
+        "compiled_blocks": resolve_compile(cfg.train.compile, trainer.device),
+    }
+    return losses, settings
+
+
+def check_fast_step(device: torch.device, steps: int, overrides: list[str]) -> dict[str, Any]:
+    common = [f"train.device={device.type}", "student.drop_path_rate=0.3", *overrides]
+    cfg = load_config("quickstart", common)
+    dataset = build_dataset(cfg)
+    batch = collate_samples([dataset[i] for i in range(cfg.train.batch_size_per_gpu)])
+    fast, fast_settings = step_losses([*common, "train.compile=auto"], batch, steps)
+    with full_fp32_matmuls():
+        plain_overrides = [*common, "train.compile=false", "train.precision=fp32"]
+        plain, plain_settings = step_losses(plain_overrides, batch, steps)
+    errors = [abs(a - b) / abs(b) for a, b in zip(fast, plain, strict=True)]
+    return {
+        "steps": steps,
+        "fast": {"losses": fast, **fast_settings},
+        "plain": {"losses": plain, **plain_settings},
+        "relative_error_max": max(errors),
+        "tolerance": BF16_RELATIVE_TOLERANCE,
+        "ok": max(errors) <= BF16_RELATIVE_TOLERANCE,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,6 +232,14 @@ def main() -> int:
     parser.add_argument("--vit-batch", type=int, default=8)
     parser.add_argument("--vit-image", type=int, default=224, help="ViT input side in pixels")
     parser.add_argument("--vit-patch", type=int, default=16)
+    parser.add_argument("--step-steps", type=int, default=3, help="steps of the fast-step check")
+    parser.add_argument(
+        "--step-overrides",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="overrides of the quickstart preset for the fast-step check",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -203,6 +250,7 @@ def main() -> int:
         "bf16_forward": check_bf16_forward(
             device, args.vit_arch, args.vit_depth, args.vit_batch, args.vit_image, args.vit_patch
         ),
+        "fast_step": check_fast_step(device, args.step_steps, args.step_overrides),
     }
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session, run from the repository root:   bash benchmarks/gpu_session.sh
 #
-# 1. device-side data path and bf16 checks (benchmarks/gpu_checks.py), and the cost of building a
-#    step's views (benchmarks/view_building.py: multi-crop of 64 Sen12MS pairs, iBOT masks);
+# 1. device-side data path, bf16 and fast-vs-plain step checks (benchmarks/gpu_checks.py), and
+#    the cost of building a step's views (benchmarks/view_building.py: multi-crop of 64 Sen12MS
+#    pairs, iBOT masks);
 # 2. step time / images/s / MFU (`rsdino bench train` in model, step and e2e mode, reports
 #    MODE_CONFIG.json) of the quickstart preset and of vitl16_short (ViT-L/16) with and without
 #    train.activation_checkpointing; vitl16_short tries the preset's own batch first and, only
@@ -85,7 +86,9 @@ if [ "$DRY_RUN" = "1" ]; then
     )
     CHECK_ARGS=(--device cpu --batch 4 --tile 32 --repeats 2 --vit-arch vit_small --vit-depth 2
         --vit-batch 2 --vit-image 32 --crops crops.global_crops_size=32 crops.local_crops_size=16
-        crops.local_crops_number=2)
+        crops.local_crops_number=2 --step-steps 2 --step-overrides train.synthetic.tile_size=32
+        crops.global_crops_size=32 crops.local_crops_size=16 train.batch_size_per_gpu=4
+        train.precision=bf16)
     VIEW_ARGS=(--device cpu --batch 4 --tile 64 --global-size 32 --local-size 16 --repeats 2)
     QUICKSTART_STEPS=(--warmup 1 --steps 2)
     VITL_STEPS=(--warmup 1 --steps 2)

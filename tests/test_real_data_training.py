@@ -74,7 +74,9 @@ def test_empty_or_missing_dataset_is_a_clear_error(
 
 
 def test_source_without_uri_or_with_wrong_layout_fails_in_config() -> None:
-    with pytest.raises(ConfigError, match=r"train\.dataset\.uri is needed by train\.dataset\.source=.sen12ms."):
+    with pytest.raises(
+        ConfigError, match=r"train\.dataset\.uri is needed by train\.dataset\.source=.sen12ms."
+    ):
         load_config("quickstart", ["train.dataset.source=sen12ms"])
     with pytest.raises(ConfigError, match=r"set train\.dataset\.s2_layout=satlas"):
         load_config("quickstart", ["train.dataset.source=satlas", "train.dataset.uri=/d"])

@@ -154,6 +154,12 @@ def test_gpu_checks_report(session_out: Path) -> None:
     # Autocast must round something (0 would mean it never ran in bf16), but stay within tolerance.
     for key in ("relative_error_cls", "relative_error_patch"):
         assert 0 < bf16[key] <= bf16["tolerance"]
+    step = report["fast_step"]
+    # The dry run's fast side is bf16 autocast on the CPU (blocks compile on CUDA only).
+    assert (step["fast"]["precision"], step["plain"]["precision"]) == ("bfloat16", "fp32")
+    assert step["fast"]["compiled_blocks"] is step["plain"]["compiled_blocks"] is False
+    assert len(step["fast"]["losses"]) == len(step["plain"]["losses"]) == 2
+    assert 0 < step["relative_error_max"] <= step["tolerance"]
 
 
 def _processes_naming(text: str) -> list[int]:
