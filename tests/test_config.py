@@ -18,6 +18,9 @@ from rsdino.config.component import ConfigProblems
 from rsdino.config.loader import ConfigError, available_presets, load_config
 from rsdino.config.validate import COMPONENT_CONFIGS
 from rsdino.data.augment_config import AugmentConfig
+from rsdino.train.run_config import RunConfig
+
+DEFAULT_YAML = OmegaConf.load(Path(loader.__file__).parent / "default.yaml")
 
 
 def test_default_config_is_complete_and_valid() -> None:
@@ -99,6 +102,9 @@ def test_malformed_override() -> None:
         ("train.storage.max_attempts=0", r"train\.storage\.max_attempts=0 must be >= 1"),
         ("train.synthetic.tile_size=4", r"train\.synthetic\.tile_size=4 must be >= 8"),
         ("train.views.seasonal.locals=all", r"seasonal\.locals='all' is not one of same, any"),
+        ("train.batch_size_per_gpu=0", r"train\.batch_size_per_gpu=0 must be >= 1"),
+        ("train.compile=maybe", r"train\.compile='maybe' is not one of auto, true, false"),
+        ("train.modality_dropout=0.2", r"modality_dropout=0\.2 needs train\.multimodal=true"),
     ],
 )
 def test_impossible_values_fail_with_key(override: str, pattern: str) -> None:
@@ -177,14 +183,24 @@ def test_keys_of_the_active_mode_and_defaults_elsewhere_are_accepted() -> None:
 @pytest.mark.parametrize("section", sorted(COMPONENT_CONFIGS))
 def test_default_yaml_holds_each_component_configs_own_defaults(section: str) -> None:
     """default.yaml documents the full config; it cannot drift from the dataclass defaults."""
-    default_yaml = OmegaConf.load(Path(loader.__file__).parent / "default.yaml")
     owned = OmegaConf.to_container(OmegaConf.structured(COMPONENT_CONFIGS[section]))
-    assert OmegaConf.to_container(OmegaConf.select(default_yaml, section)) == owned
+    assert OmegaConf.to_container(OmegaConf.select(DEFAULT_YAML, section)) == owned
 
 
-@pytest.mark.parametrize("section", sorted(COMPONENT_CONFIGS))
-def test_every_field_of_a_component_config_has_a_docstring(section: str) -> None:
-    cls = COMPONENT_CONFIGS[section]
+def test_default_yaml_holds_the_run_configs_own_defaults() -> None:
+    """``train``'s own keys are RunConfig's; its sub-sections are components checked above."""
+    owned = OmegaConf.to_container(OmegaConf.structured(RunConfig))
+    train = OmegaConf.to_container(DEFAULT_YAML.train)
+    assert {key: train[key] for key in owned} == owned
+    sections = {key for key, value in train.items() if isinstance(value, dict)}
+    assert set(train) - sections - {"dataset_path"} == set(owned)  # no scalar without a home
+    assert {f"train.{name}" for name in sections} <= {*COMPONENT_CONFIGS, "train.views"}
+
+
+@pytest.mark.parametrize(
+    "cls", [*COMPONENT_CONFIGS.values(), RunConfig], ids=lambda cls: cls.__name__
+)
+def test_every_field_of_a_component_config_has_a_docstring(cls: type) -> None:
     (body,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
     documented = {
         field.target.id

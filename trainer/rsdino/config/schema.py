@@ -1,10 +1,10 @@
-"""Typed schema of the training config.
+"""Typed schema of the training config: the components' own sections, composed.
 
 The dataclasses give every key a type so OmegaConf rejects unknown keys and wrong types with the
-key's full path. Values live in ``default.yaml``; the sections defined here only say what may
-exist, which is why their fields are ``MISSING``. Components that own their config (those in
-``validate.COMPONENT_CONFIGS``) define defaults, field docs and checks beside the component, and
-a test holds ``default.yaml`` to them.
+key's full path. Each section's dataclass lives beside its component (see
+``validate.COMPONENT_CONFIGS`` and ``train/run_config.py``) with its defaults, field docs and
+checks; a test holds ``default.yaml`` to them. Only ``train.dataset_path``, a shortcut that sets
+``train.dataset``, has no default here.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
 from rsdino.train.evaluation_config import EvaluationConfig
 from rsdino.train.metrics_config import CurvesConfig, MetricsConfig
+from rsdino.train.run_config import RunConfig
 
 
 @dataclass
@@ -31,28 +32,15 @@ class ViewsConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
+    """``train``: the run-level keys (``RunConfig``) and the data sections."""
+
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     dataset_path: str = MISSING
     storage: StorageConfig = field(default_factory=StorageConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     clouds: CloudsConfig = field(default_factory=CloudsConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
-    multimodal: bool = MISSING
-    modality_dropout: float = MISSING
-    batch_size_per_gpu: int = MISSING
-    num_workers: int = MISSING
-    OFFICIAL_EPOCH_LENGTH: int = MISSING
-    seed: int = MISSING
-    centering: str = MISSING
-    device: str = MISSING
-    precision: str = MISSING
-    reduce_precision: str = MISSING
-    activation_checkpointing: bool = MISSING
-    compile: str = MISSING
-    log_every_steps: int = MISSING
-    collective_timeout_s: int = MISSING
-    loss_spike_factor: float = MISSING
 
 
 @dataclass

@@ -7,6 +7,7 @@ of after the model is built or, worse, hours into a run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,12 +24,8 @@ from rsdino.ssl.schedule_config import OptimConfig, TeacherConfig
 from rsdino.train.checkpoint_config import CheckpointConfig
 from rsdino.train.evaluation_config import EvaluationConfig
 from rsdino.train.metrics_config import CurvesConfig, MetricsConfig
+from rsdino.train.run_config import RunConfig
 
-CENTERING_MODES = ("centering", "sinkhorn_knopp")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")
-COMPILE_MODES = ("auto", "true", "false")
-REDUCE_PRECISIONS = ("fp32", "bf16")
 # Sections whose dataclass owns its defaults, field docs and checks (see config/component.py).
 COMPONENT_CONFIGS: dict[str, type] = {
     "crops": CropsConfig,
@@ -290,6 +287,14 @@ def _validate_applicable(problems: list[str], cfg: DictConfig, defaults: DictCon
                 )
 
 
+def _validate_run(problems: list[str], cfg: DictConfig) -> None:
+    """``train``'s own keys; its sub-sections are components of their own, checked once each."""
+    try:
+        RunConfig(**{spec.name: cfg.train[spec.name] for spec in fields(RunConfig)})
+    except ConfigProblems as exc:
+        problems.extend(exc.problems)
+
+
 def _validate_components(problems: list[str], cfg: DictConfig) -> None:
     """Sections whose dataclass checks itself: building it runs its ``__post_init__``."""
     for section in COMPONENT_CONFIGS:
@@ -305,6 +310,7 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
     problems: list[str] = []
     train, student, crops = cfg.train, cfg.student, cfg.crops
 
+    _validate_run(problems, cfg)
     _validate_components(problems, cfg)
     _validate_dataset(problems, cfg)
     _validate_bands(problems, cfg)
@@ -329,31 +335,8 @@ def validate_config(cfg: DictConfig, defaults: DictConfig) -> list[str]:
             f"{s2_key}={s2_chans} but train.dataset.s2_layout="
             f"{train.dataset.s2_layout!r} has {bands} bands; set {s2_key}={bands}",
         )
-    _check(
-        problems,
-        0.0 <= train.modality_dropout < 1.0,
-        "train.modality_dropout must be in [0, 1)",
-    )
     if train.multimodal:
         _validate_multimodal(problems, cfg)
-    else:
-        _check(
-            problems,
-            train.modality_dropout == 0,
-            "train.modality_dropout needs train.multimodal=true",
-        )
-    _check(problems, train.batch_size_per_gpu >= 1, "train.batch_size_per_gpu must be >= 1")
-    _check(problems, train.num_workers >= 0, "train.num_workers must be >= 0")
-    _check(problems, train.OFFICIAL_EPOCH_LENGTH >= 1, "train.OFFICIAL_EPOCH_LENGTH must be >= 1")
-    _check(problems, train.log_every_steps >= 1, "train.log_every_steps must be >= 1")
-    _check(problems, train.collective_timeout_s >= 1, "train.collective_timeout_s must be >= 1")
-    _check(problems, train.loss_spike_factor >= 0, "train.loss_spike_factor must be >= 0")
-    _choice(problems, "train.centering", train.centering, CENTERING_MODES)
-    _choice(problems, "train.device", train.device, DEVICES)
-    _choice(problems, "train.precision", train.precision, PRECISIONS)
-    # A YAML `true` arrives as "True" in this string key.
-    _choice(problems, "train.compile", str(train.compile).lower(), COMPILE_MODES)
-    _choice(problems, "train.reduce_precision", train.reduce_precision, REDUCE_PRECISIONS)
 
     for key in _arch_keys(cfg):
         _validate_arch(problems, cfg, key)
