@@ -129,9 +129,7 @@ def _ssl_step(model: SSLMetaArch, optimizer: torch.optim.Optimizer, last_layer_l
 def test_gain_trains_and_freezes_with_the_last_layer() -> None:
     torch.manual_seed(0)
     model = SSLMetaArch(tiny_config("dino.koleo_loss_weight=0")).train()
-    groups = build_param_groups(
-        model.student, num_layers=2, layerwise_decay=1.0, patch_embed_lr_mult=1.0
-    )
+    groups = build_param_groups(model.student, layerwise_decay=1.0, patch_embed_lr_mult=1.0)
     optimizer = torch.optim.AdamW(groups)
     head = model.student["dino_head"]
     gain, direction = head.last_layer.weight_g, head.last_layer.weight_v

@@ -10,7 +10,7 @@ from rsdino.ssl.meta_arch import SSLMetaArch
 from rsdino.ssl.param_groups import (
     apply_optim_schedule,
     build_param_groups,
-    layer_id,
+    layerwise_lr_steps,
     no_weight_decay_names,
 )
 
@@ -38,7 +38,7 @@ def _student(cfg: DictConfig) -> torch.nn.Module:
 
 def _groups(student: torch.nn.Module, **overrides: float) -> list[dict]:
     options = {"layerwise_decay": 0.5, "patch_embed_lr_mult": 0.2, **overrides}
-    return build_param_groups(student, num_layers=student["encoder"].n_blocks, **options)
+    return build_param_groups(student, **options)
 
 
 def _by_name(groups: list[dict]) -> dict[str, dict]:
@@ -50,17 +50,26 @@ def _dinov2_exempt(name: str) -> bool:
     return name.endswith(".bias") or "norm" in name or "gamma" in name
 
 
-def test_layer_id_handles_prefixes_and_chunks() -> None:
-    assert layer_id("backbone.cls_token", 12) == 0
-    assert layer_id("student.backbone.patch_embed.proj.weight", 12) == 0
-    assert layer_id("register_tokens", 12) == 0
-    assert layer_id("backbone.mask_token", 12) == 0
-    assert layer_id("backbone.blocks.3.attn.qkv.weight", 12) == 4
-    assert layer_id("student.backbone.blocks.1.7.mlp.fc1.bias", 12) == 8  # chunk 1, block 7
-    assert layer_id("backbone.blocks.0.ls1.gamma", 12) == 1
-    assert layer_id("backbone.norm.weight", 12) == 13
-    assert layer_id("dino_head.last_layer.weight_g", 12) == 13
-    assert layer_id("encoder.missing_tokens.s1", 12) == 13  # at the fusion, after the backbones
+def test_each_backbone_reports_dinov2_depths_whatever_its_chunks_and_prefix() -> None:
+    """DINOv2's depth of a parameter (0 embeddings and tokens, i + 1 block i, n + 1 the rest)
+    is n + 1 - the decay steps the backbone reports, chunked or not."""
+    shape = {"img_size": 16, "patch_size": 8, "in_chans": 3, "depth": 4, "init_values": 1e-5}
+    plain = build_vit("vit_small", **shape, num_register_tokens=1)
+    chunked = build_vit("vit_small", **shape, num_register_tokens=1, block_chunks=2)
+    steps = plain.layerwise_lr_steps()
+    assert set(steps) == {name for name, _ in plain.named_parameters()}
+    depth = {name: 5 - n for name, n in steps.items()}
+    for token in ("cls_token", "pos_embed", "mask_token", "register_tokens"):
+        assert depth[token] == 0
+    assert depth["patch_embed.proj.weight"] == depth["patch_embed.proj.bias"] == 0
+    assert depth["blocks.0.attn.qkv.weight"] == 1 and depth["blocks.0.ls1.gamma"] == 1
+    assert depth["blocks.3.mlp.fc2.bias"] == 4 and depth["norm.weight"] == 5
+    # Chunk 1 holds blocks 2 and 3 behind two Identity pads: the same depths by block index.
+    chunked_steps = chunked.layerwise_lr_steps()
+    assert chunked_steps["blocks.1.3.mlp.fc2.bias"] == steps["blocks.3.mlp.fc2.bias"]
+    assert sorted(chunked_steps.values()) == sorted(steps.values())
+    wrapped = torch.nn.ModuleDict({"student": torch.nn.ModuleDict({"backbone": plain})})
+    assert layerwise_lr_steps(wrapped)["student.backbone.blocks.2.norm1.weight"] == 2
 
 
 def test_vit_names_exactly_dinov2_exemptions() -> None:

@@ -156,6 +156,22 @@ class VisionTransformer(nn.Module):
         """Parameter names trained without weight decay: biases, norms, LayerScale gains."""
         return weight_decay_exempt(self)
 
+    def layerwise_lr_steps(self) -> dict[str, int]:
+        """How many layer-wise lr decay factors each parameter's lr gets (DINOv2's depths,
+        counted from the top): the patch embedding and learned tokens ``n_blocks + 1``, block
+        ``i`` ``n_blocks - i``, the final norm 0. Told by module, not parsed from names, so
+        chunked blocks and any prefix agree."""
+        blocks = [module for module in self.modules() if isinstance(module, Block)]
+        steps = {
+            id(param): len(blocks) - index
+            for index, block in enumerate(blocks)
+            for param in block.parameters()
+        }
+        tokens = (self.cls_token, self.pos_embed, self.mask_token, self.register_tokens)
+        bottom = [*self.patch_embed.parameters(), *(t for t in tokens if t is not None)]
+        steps.update({id(param): len(blocks) + 1 for param in bottom})
+        return {name: steps.get(id(param), 0) for name, param in self.named_parameters()}
+
     def forward_flops(
         self, image_size: int, executed: bool = False, batch: int | None = None
     ) -> float:

@@ -8,39 +8,33 @@ norms and LayerScale gains skip weight decay; learned tokens decay.
 import torch
 from torch import nn
 
-_TOKEN_NAMES = ("cls_token", "pos_embed", "mask_token", "register_tokens")
+from rsdino.models.layers import PatchEmbed
 
 
-def _is_patch_embed(parts: list[str]) -> bool:
-    return "patch_embed" in parts
+def _full_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth for lr decay: 0 for embeddings, ``i + 1`` for block ``i``, ``num_layers + 1`` else.
-
-    Works with any prefix (``backbone.``, ``student.backbone.``) and with chunked blocks
-    ``blocks.<chunk>.<i>.*``, whose inner index is already the global block index. The encoder's
-    ``missing_tokens`` stand in for a backbone's output at the fusion, so like the fusion (and
-    like any backbone parameter DINOv2 does not list as an embedding) they get the top depth.
-    """
-    parts = name.split(".")
-    if _is_patch_embed(parts) or any(token in parts for token in _TOKEN_NAMES):
-        return 0
-    if "blocks" in parts:
-        after = parts[parts.index("blocks") + 1 :]
-        if len(after) >= 2 and after[0].isdigit() and after[1].isdigit():
-            return int(after[1]) + 1
-        if after and after[0].isdigit():
-            return int(after[0]) + 1
-    return num_layers + 1
+def layerwise_lr_steps(model: nn.Module) -> dict[str, int]:
+    """Decay factors of each parameter's lr, as ``model``'s backbones report them
+    (``VisionTransformer.layerwise_lr_steps``); a parameter no backbone reports (fusion, missing
+    modality tokens, heads) sits above every block and keeps the full lr."""
+    steps: dict[str, int] = {}
+    for prefix, module in model.named_modules():
+        report = getattr(module, "layerwise_lr_steps", None)
+        if callable(report):
+            steps.update({_full_name(prefix, name): n for name, n in report().items()})
+    return steps
 
 
-def _lr_multiplier(name: str, num_layers: int, layerwise_decay: float, patch_mult: float) -> float:
-    """Deeper layers keep more of the lr; the patch embedding gets an extra (smaller) factor."""
-    multiplier = layerwise_decay ** (num_layers + 1 - layer_id(name, num_layers))
-    if _is_patch_embed(name.split(".")):
-        multiplier *= patch_mult
-    return multiplier
+def patch_embed_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters of every patch embedding in ``model``."""
+    return {
+        _full_name(prefix, name)
+        for prefix, module in model.named_modules()
+        if isinstance(module, PatchEmbed)
+        for name, _ in module.named_parameters()
+    }
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -53,31 +47,34 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     for prefix, module in model.named_modules():
         report = getattr(module, "no_weight_decay", None)
         if callable(report):
-            exempt.update(f"{prefix}.{name}" if prefix else name for name in report())
+            exempt.update(_full_name(prefix, name) for name in report())
     return exempt
 
 
 def build_param_groups(
     model: nn.Module,
     *,
-    num_layers: int,
     layerwise_decay: float,
     patch_embed_lr_mult: float,
 ) -> list[dict]:
     """One optimizer group per (lr multiplier, wd multiplier, is-last-layer) combination.
 
-    The weight-decay exemptions are what the model's parts report (:func:`no_weight_decay_names`).
+    The weight-decay exemptions and the lr depths are what the model's parts report
+    (:func:`no_weight_decay_names`, :func:`layerwise_lr_steps`); the patch embedding's lr is
+    further scaled by ``patch_embed_lr_mult``.
     Each group has ``params``, ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer`` (the DINO
     head's ``last_layer``, gain and direction, which DINOv2 freezes early in training) and
     ``names`` for inspection. Parameters that do not require gradients are left out.
     """
     exempt_names = no_weight_decay_names(model)
+    lr_steps, patch_embed = layerwise_lr_steps(model), patch_embed_names(model)
     groups: dict[tuple[float, float, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         key = (
-            _lr_multiplier(name, num_layers, layerwise_decay, patch_embed_lr_mult),
+            layerwise_decay ** lr_steps.get(name, 0)
+            * (patch_embed_lr_mult if name in patch_embed else 1.0),
             0.0 if name in exempt_names else 1.0,
             "last_layer" in name.split("."),
         )

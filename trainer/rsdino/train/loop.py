@@ -107,7 +107,6 @@ def make_schedules(cfg: DictConfig, world_size: int = 1) -> Schedules:
 def make_optimizer(cfg: DictConfig, model: SSLMetaArch) -> torch.optim.AdamW:
     groups = build_param_groups(
         model.student,
-        num_layers=model.student["encoder"].n_blocks,
         layerwise_decay=cfg.optim.layerwise_decay,
         patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
     )
