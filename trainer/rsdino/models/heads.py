@@ -95,6 +95,11 @@ class DINOHead(nn.Module):
         """
         return weight_decay_exempt(self)
 
+    def frozen_at_start(self) -> set[str]:
+        """Parameter names DINOv2 keeps frozen for ``optim.freeze_last_layer_epochs``: the
+        prototypes (gain and direction), which would otherwise collapse early."""
+        return {f"last_layer.{name}" for name, _ in self.last_layer.named_parameters()}
+
     def flops_per_token(self) -> float:
         """Matmul FLOPs of one token: the MLP to the bottleneck, then the prototypes."""
         layers = [m for m in self.modules() if isinstance(m, nn.Linear | WeightNormLinear)]

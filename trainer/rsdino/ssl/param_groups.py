@@ -11,44 +11,48 @@ from torch import nn
 from rsdino.models.layers import PatchEmbed
 
 
-def _full_name(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+def _reports(model: nn.Module, method: str) -> dict[str, object]:
+    """What ``model``'s parts say of their parameters through ``method``, by full name.
+
+    A part reports names relative to itself, as a set (each name then maps to True) or as a
+    dict of values; parts without the method say nothing.
+    """
+    found: dict[str, object] = {}
+    for prefix, module in model.named_modules():
+        report = getattr(module, method, None)
+        if callable(report):
+            told = report()
+            pairs = told.items() if isinstance(told, dict) else ((name, True) for name in told)
+            found.update((f"{prefix}.{name}" if prefix else name, value) for name, value in pairs)
+    return found
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters ``model``'s parts exempt from weight decay (``no_weight_decay()``, timm's
+    convention); a parameter that no part names decays."""
+    return set(_reports(model, "no_weight_decay"))
 
 
 def layerwise_lr_steps(model: nn.Module) -> dict[str, int]:
     """Decay factors of each parameter's lr, as ``model``'s backbones report them
     (``VisionTransformer.layerwise_lr_steps``); a parameter no backbone reports (fusion, missing
     modality tokens, heads) sits above every block and keeps the full lr."""
-    steps: dict[str, int] = {}
-    for prefix, module in model.named_modules():
-        report = getattr(module, "layerwise_lr_steps", None)
-        if callable(report):
-            steps.update({_full_name(prefix, name): n for name, n in report().items()})
-    return steps
+    return {name: int(n) for name, n in _reports(model, "layerwise_lr_steps").items()}
+
+
+def frozen_at_start_names(model: nn.Module) -> set[str]:
+    """Parameters ``model``'s heads freeze early (``DINOHead.frozen_at_start()``)."""
+    return set(_reports(model, "frozen_at_start"))
 
 
 def patch_embed_names(model: nn.Module) -> set[str]:
-    """Full names of the parameters of every patch embedding in ``model``."""
+    """Parameters of every patch embedding in ``model``, found by type."""
     return {
-        _full_name(prefix, name)
+        f"{prefix}.{name}" if prefix else name
         for prefix, module in model.named_modules()
         if isinstance(module, PatchEmbed)
         for name, _ in module.named_parameters()
     }
-
-
-def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Full names of the parameters that ``model``'s parts exempt from weight decay.
-
-    Every submodule with a ``no_weight_decay()`` method (timm's convention) names its own exempt
-    parameters, relative to itself; a parameter that no part names decays.
-    """
-    exempt: set[str] = set()
-    for prefix, module in model.named_modules():
-        report = getattr(module, "no_weight_decay", None)
-        if callable(report):
-            exempt.update(_full_name(prefix, name) for name in report())
-    return exempt
 
 
 def build_param_groups(
@@ -68,6 +72,7 @@ def build_param_groups(
     """
     exempt_names = no_weight_decay_names(model)
     lr_steps, patch_embed = layerwise_lr_steps(model), patch_embed_names(model)
+    last_layer = frozen_at_start_names(model)
     groups: dict[tuple[float, float, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -76,7 +81,7 @@ def build_param_groups(
             layerwise_decay ** lr_steps.get(name, 0)
             * (patch_embed_lr_mult if name in patch_embed else 1.0),
             0.0 if name in exempt_names else 1.0,
-            "last_layer" in name.split("."),
+            name in last_layer,
         )
         if key not in groups:
             lr_mult, wd_mult, is_last_layer = key
