@@ -6,8 +6,9 @@
 #    pairs, iBOT masks);
 # 2. step time / images/s / MFU (`rsdino bench train` in model, step and e2e mode, reports
 #    MODE_CONFIG.json) of the quickstart preset and of vitl16_short (ViT-L/16) with and without
-#    train.activation_checkpointing; vitl16_short tries the preset's own batch first and, only
-#    when a run runs out of GPU memory, batch 32, then batch 32 with 4 local crops;
+#    train.activation_checkpointing, and model mode of ViT-B/16 (also e2e), ViT-S/16 and the
+#    multimodal preset; vitl16_short tries the preset's own batch first and, only when a run
+#    runs out of GPU memory, batch 32, then batch 32 with 4 local crops;
 # 3. the checkpoint stall (async vs sync) and recovery benchmark (benchmarks/checkpoint_stall.py).
 #
 # Every JSON and session.log land in $OUT (./gpu_out when unset). A failed or timed-out command is
@@ -135,14 +136,29 @@ bench_vitl() {
     done
     return 1
 }
+# bench NAME TIMEOUT_S MODE CONFIG OVERRIDES...: one `rsdino bench train` run. The model's
+# overrides come before the session's, so a dry run shrinks every model alike.
+bench() {
+    local name=$1 limit=$2 mode=$3 config=$4
+    shift 4
+    run_step "$name" "$limit" "$PYTHON" -m rsdino.cli bench train --config "$config" \
+        --mode "$mode" "${VITL_STEPS[@]}" --out "$OUT/$name.json" "$@" "${RUN_OVERRIDES[@]}"
+}
 # Most wanted first, in case the budget runs out: ViT-L model mode is the figure the reference
-# trainer is compared on; activation checkpointing only in model mode.
-# train.compile is auto (on) on CUDA: the eager model-mode run says what compiling buys.
-for mode in "${BENCH_MODES[@]}"; do
+# trainer is compared on, then issue 11's other targets (ViT-B/16 192 batch 64 in model and e2e
+# mode, ViT-S/16 224 batch 128, ViT-B per sensor multimodal), then what compiling buys (eager),
+# the other ViT-L modes and activation checkpointing (model mode only).
+# train.compile is auto (on) on CUDA.
+bench_vitl model_vitl16_short model || failures=$((failures + 1))
+VITB=(student.arch=vit_base crops.global_crops_size=192)
+bench model_vitb16 150 model vitl16_short "${VITB[@]}" || failures=$((failures + 1))
+bench e2e_vitb16 150 e2e vitl16_short "${VITB[@]}" || failures=$((failures + 1))
+bench model_vits16 150 model vitl16_short student.arch=vit_small train.batch_size_per_gpu=128 ||
+    failures=$((failures + 1))
+bench model_multimodal_vitb16 150 model vitl16_short_multimodal || failures=$((failures + 1))
+bench_vitl model_vitl16_short_eager model train.compile=false || failures=$((failures + 1))
+for mode in step e2e; do
     bench_vitl "${mode}_vitl16_short" "$mode" || failures=$((failures + 1))
-    if [ "$mode" = model ]; then
-        bench_vitl model_vitl16_short_eager model train.compile=false || failures=$((failures + 1))
-    fi
 done
 bench_vitl model_vitl16_short_ac model train.activation_checkpointing=true ||
     failures=$((failures + 1))

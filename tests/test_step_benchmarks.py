@@ -34,6 +34,13 @@ BENCH_REPORTS = (
     "model_vitl16_short_eager",
     "model_vitl16_short_ac",
 )
+# Issue 11's other targets: (report, preset, arch).
+TARGET_REPORTS = (
+    ("model_vitb16", "vitl16_short", "vit_base"),
+    ("e2e_vitb16", "vitl16_short", "vit_base"),
+    ("model_vits16", "vitl16_short", "vit_small"),
+    ("model_multimodal_vitb16", "vitl16_short_multimodal", "vit_base"),
+)
 TINY_BATCH = 4  # the dry run's train.batch_size_per_gpu
 
 
@@ -72,7 +79,8 @@ def read_report(out: Path, name: str) -> dict:
 
 @pytest.mark.slow
 def test_dry_run_writes_every_report_and_a_log(session_out: Path) -> None:
-    for name in ("gpu_checks", "view_building", *BENCH_REPORTS, "ckpt_stall"):
+    targets = [name for name, *_ in TARGET_REPORTS]
+    for name in ("gpu_checks", "view_building", *BENCH_REPORTS, *targets, "ckpt_stall"):
         assert (session_out / f"{name}.json").is_file(), name
     log = (session_out / "session.log").read_text()
     assert "FAIL" not in log
@@ -129,6 +137,17 @@ def test_bench_reports_name_the_arch(session_out: Path) -> None:
     vitl = read_report(session_out, "e2e_vitl16_short")
     assert (quickstart["arch"], quickstart["patch_size"]) == ("vit_small", 8)
     assert (vitl["arch"], vitl["patch_size"]) == ("vit_large", 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "preset", "arch"), TARGET_REPORTS)
+def test_target_reports_bench_the_asked_model(
+    session_out: Path, name: str, preset: str, arch: str
+) -> None:
+    report = read_report(session_out, name)
+    assert (report["mode"], report["config"], report["arch"]) == (name.split("_")[0], preset, arch)
+    # The dry run's tiny width, depth and batch come after the model's own overrides.
+    assert (report["embed_dim"], report["depth"], report["batch_per_gpu"]) == (32, 2, TINY_BATCH)
 
 
 @pytest.mark.slow
