@@ -25,6 +25,15 @@ S2_BANDS_SEN12MS: tuple[str, ...] = (
 S2_BANDS_SATLAS: tuple[str, ...] = ("B4", "B3", "B2", "B5", "B6", "B7", "B8", "B11", "B12")
 S1_BANDS: tuple[str, ...] = ("VV", "VH")
 
+# The image modalities, in the order every reader, batch and encoder dict keeps them.
+MODALITIES: tuple[str, ...] = ("s1", "s2")
+
+
+def modalities_of(with_s1: bool) -> tuple[str, ...]:
+    """The modalities a run or dataset holds: Sentinel-1 and -2, or Sentinel-2 alone."""
+    return MODALITIES if with_s1 else ("s2",)
+
+
 S2_LAYOUTS: dict[str, tuple[str, ...]] = {"sen12ms": S2_BANDS_SEN12MS, "satlas": S2_BANDS_SATLAS}
 
 

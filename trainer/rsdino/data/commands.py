@@ -9,6 +9,7 @@ import argparse
 import logging
 
 from rsdino.config.loader import ConfigError
+from rsdino.data.band_tables import modalities_of
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
 from rsdino.data.build import SourceSpec, open_source
 from rsdino.data.destination import check_output_folder
@@ -29,10 +30,6 @@ def _spec(args: argparse.Namespace) -> SourceSpec:
         on_error=args.on_error,
         multimodal=args.source == "sen12ms" and not args.s2_only,
     )
-
-
-def _modalities(spec: SourceSpec) -> tuple[str, ...]:
-    return ("s1", "s2") if spec.multimodal else ("s2",)
 
 
 def _seasonal_views(args: argparse.Namespace) -> SeasonalViews | None:
@@ -73,7 +70,7 @@ def run_pack(args: argparse.Namespace) -> int:
             "uri": spec.uri,
             "split": spec.split,
             "s2_layout": s2_layout,
-            "modalities": list(_modalities(spec)),
+            "modalities": list(modalities_of(spec.multimodal)),
         },
         seasonal=seasonal,
     )
@@ -87,7 +84,7 @@ def run_stats(args: argparse.Namespace) -> int:
     source = open_source(spec)
     s2_bands = S2_LAYOUTS["satlas" if spec.source == "satlas" else "sen12ms"]
     names = {"s1": S1_BANDS, "s2": s2_bands}
-    modalities = _modalities(spec)
+    modalities = modalities_of(spec.multimodal)
     stats = compute_stats(
         source,
         modalities=modalities,

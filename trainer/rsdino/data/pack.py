@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from rsdino.data.band_tables import MODALITIES
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
 from rsdino.data.read_ahead import ordered_map
 from rsdino.data.seasonal import SeasonalViews
@@ -42,7 +43,6 @@ from rsdino.data.sources import SkipSample
 from rsdino.data.storage import Store
 from rsdino.errors import RsdinoError
 
-MODALITIES = ("s1", "s2")
 Record = tuple[bytes, dict[str, Any]]
 
 

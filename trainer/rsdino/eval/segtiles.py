@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from rsdino.data.band_tables import modalities_of
 from rsdino.data.bands import band_names
 from rsdino.data.sources.decode import (
     BadDataPolicy,
@@ -69,7 +70,7 @@ class SegmentationTiles(Dataset):
             raise EvalDataError(f"no images/<name>.tif under {store.uri}")
         if with_s1 is None:
             with_s1 = store.exists(f"s1/{self.names[0]}")
-        self.modalities = ("s1", "s2") if with_s1 else ("s2",)
+        self.modalities = modalities_of(with_s1)
         self._policy = BadDataPolicy("fail")
 
     def __len__(self) -> int:

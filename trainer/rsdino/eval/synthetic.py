@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
+from rsdino.data.band_tables import MODALITIES
 from rsdino.data.synthetic import SyntheticLandCover
 from rsdino.eval.datasets import EvalDataError, LabelledSplits
 
@@ -71,7 +72,7 @@ def synthetic_splits(
         train=splits[0],
         val=splits[1],
         test=splits[2],
-        modalities=("s1", "s2"),
+        modalities=MODALITIES,
         identity=f"synthetic|{task}|{counts}|{tile_size}|{num_classes}|{layout}|{seed}|"
         f"{index_offset}|{min_fraction}",
         ignore_index=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from rsdino.data.band_tables import modalities_of
 from rsdino.errors import RsdinoError
 from rsdino.models.encoder import RemoteSensingEncoder, build_encoder
 from rsdino.models.encoder_config import StudentConfig
@@ -18,14 +19,9 @@ from rsdino.models.vit import VisionTransformer, build_vit
 from rsdino.ssl.loss_config import DinoConfig, IBotConfig
 
 
-def encoder_modalities(multimodal: bool) -> tuple[str, ...]:
-    """The image modalities a run reads: Sentinel-1 and -2, or Sentinel-2 alone."""
-    return ("s1", "s2") if multimodal else ("s2",)
-
-
 def modalities(cfg: DictConfig) -> tuple[str, ...]:
     """The modalities of a run's root config (its ``train.multimodal``)."""
-    return encoder_modalities(cfg.train.multimodal)
+    return modalities_of(cfg.train.multimodal)
 
 
 def _arch_and_bands(student: StudentConfig, modality: str, multimodal: bool) -> tuple[str, int]:
@@ -48,7 +44,7 @@ def describe_encoders(student: StudentConfig, *, multimodal: bool) -> str:
         if value is not None
     )
     parts = []
-    for modality in encoder_modalities(multimodal):
+    for modality in modalities_of(multimodal):
         arch, bands = _arch_and_bands(student, modality, multimodal)
         parts.append(f"{arch}/{student.patch_size} ({modality.upper()}, {bands} bands)")
     text = " + ".join(parts)
@@ -115,7 +111,7 @@ def build_encoder_from_config(
 ) -> RemoteSensingEncoder:
     """The student's encoder (stochastic depth, pretrained weights) or the teacher's."""
     backbones = {}
-    for modality in encoder_modalities(multimodal):
+    for modality in modalities_of(multimodal):
         arch, in_chans = _arch_and_bands(student, modality, multimodal)
         backbone = build_backbone(
             student,

@@ -7,6 +7,7 @@ import posixpath
 import numpy as np
 from torch.utils.data import Dataset
 
+from rsdino.data.band_tables import MODALITIES
 from rsdino.data.sources.decode import (
     BadDataPolicy,
     BandCountError,
@@ -19,7 +20,6 @@ from rsdino.data.sources.decode import (
     to_reflectance_uint16,
 )
 
-MODALITIES = ("s1", "s2")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 
 
