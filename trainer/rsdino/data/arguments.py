@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rsdino.command_handler import lazy_handler
-from rsdino.data.choices import ON_ERROR, SAMPLE_SOURCES, SEN12MS_LAYOUTS
+from rsdino.data.choices import ON_ERROR, SAMPLE_SOURCES, SEN12MS_LAYOUTS, SHARD_CODECS
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +62,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     )
     pack.add_argument(
         "--codec",
-        choices=("none", "zlib"),
+        choices=SHARD_CODECS,
         default="none",
         help="array codec (default: %(default)s)",
     )

@@ -14,3 +14,5 @@ SOURCES: tuple[str, ...] = ("synthetic", *SAMPLE_SOURCES, "shards")
 SEN12MS_LAYOUTS: tuple[str, ...] = ("tree", "pairs")
 # What a reader does with a bad tile: leave it out and count it, or stop.
 ON_ERROR: tuple[str, ...] = ("skip", "fail")
+# How packed shards store their arrays (``rsdino data pack --codec``).
+SHARD_CODECS: tuple[str, ...] = ("none", "zlib")

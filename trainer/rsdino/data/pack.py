@@ -21,10 +21,10 @@ from torch.utils.data import Dataset
 
 from rsdino.data.band_tables import MODALITIES
 from rsdino.data.bands import S1_BANDS, S2_LAYOUTS
+from rsdino.data.choices import SHARD_CODECS
 from rsdino.data.read_ahead import ordered_map
 from rsdino.data.seasonal import SeasonalViews
 from rsdino.data.shards import (
-    CODECS,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_KEY,
@@ -88,8 +88,8 @@ def pack_dataset(
         raise ValueError(f"samples_per_chunk must be >= 1, got {samples_per_chunk}")
     if chunks_per_shard is not None and chunks_per_shard < 1:
         raise ValueError(f"chunks_per_shard must be >= 1, got {chunks_per_shard}")
-    if codec not in CODECS:
-        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+    if codec not in SHARD_CODECS:
+        raise ValueError(f"codec must be one of {SHARD_CODECS}, got {codec!r}")
     if read_workers < 1:
         raise ValueError(f"read_workers must be >= 1, got {read_workers}")
     num_source = len(source)

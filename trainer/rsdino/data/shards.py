@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsdino.data.choices import SHARD_CODECS
 from rsdino.data.storage import Store
 from rsdino.errors import RsdinoError
 
 FORMAT_NAME = "rsdino-shards"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "manifest.json"
-CODECS = ("none", "zlib")
 # Fields every sample carries besides its arrays; they live in the index, not in the shard bytes.
 SCALAR_FIELDS = ("key", "doy", "label")
 # Level 6 is zlib's own default: a fixed level keeps repeated packs byte-identical.
@@ -76,8 +76,8 @@ def encode_sample(sample: dict[str, Any], codec: str = "none") -> tuple[bytes, d
     Every array field (numpy or torch) is stored; "key", "doy" and "label" go into the metadata,
     other int or str fields (a seasonal sample's "doy_b", "key_b", "days_apart") under "fields".
     """
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
+    if codec not in SHARD_CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {SHARD_CODECS}")
     missing = [name for name in SCALAR_FIELDS if name not in sample]
     if missing:
         raise ValueError(f"sample {sample.get('key', '?')!r} lacks the fields {missing}")

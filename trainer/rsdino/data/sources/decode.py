@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from rsdino.data.bands import S1_BANDS
+from rsdino.data.choices import ON_ERROR
 from rsdino.errors import ExitCode, RsdinoError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 ListKeys = Callable[[str], list[str]]
 ReadBytes = Callable[[str], bytes]
 
-ON_ERROR_CHOICES = ("skip", "fail")
 # A SAR band with more missing pixels than this is useless; fewer are filled (see fill_sar_gaps).
 MAX_SAR_NAN_FRACTION = 0.5
 SAR_BAND_COUNT = len(S1_BANDS)
@@ -97,8 +97,8 @@ class BadDataPolicy:
     """
 
     def __init__(self, on_error: str) -> None:
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.on_error = on_error
         self.error_counts: dict[str, int] = {}
         self.unsent: list[Finding] = []
