@@ -1,8 +1,9 @@
 """Checkpoint stall of training (async vs sync) and time to recover from a lost worker.
 
-Stall: one trainer runs the same batches three times, without checkpoints, with sync saves and
-with async saves every ``--every`` steps. Reported per checkpoint: the time the save call blocked
-the loop, and the *overhead* (wall time of the run with saves minus the run without, divided by
+Stall: three trainers, built alike but for ``checkpoint.async_save``, run the same batches:
+without checkpoints, with sync saves and with async saves every ``--every`` steps, each to its own
+local directory. Reported per checkpoint: the time the save call blocked the loop, and the
+*overhead* (wall time of the run with saves minus the run without, divided by
 the number of saves), which also counts what the background writer takes from the steps.
 
 Recovery: ``rsdino train`` under ``torchrun --max-restarts=1`` with ``--procs`` ranks; once the
@@ -31,13 +32,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rsdino.config.loader import load_config
-from rsdino.data.storage import LocalStore
 from rsdino.data.worker_stats import WORKER_STATS_KEY
-from rsdino.train.checkpoint import Checkpointer, CheckpointStore, checkpoint_name
+from rsdino.train.checkpoint import checkpoint_name
 from rsdino.train.loop import Trainer, make_loader
+from rsdino.train.output_dir import output_paths
 
 MODES = ("none", "sync", "async")
 
@@ -52,26 +53,24 @@ def _directory_bytes(path: Path) -> int:
 
 
 def measure_stall(cfg: DictConfig, steps: int, every: int, workdir: Path) -> dict[str, Any]:
-    trainer = Trainer(cfg, workdir / "run", resume=False)
-    device = trainer.device
-    loader = iter(make_loader(cfg, 0, trainer.ctx))
-    batches = [next(loader) for _ in range(steps + 1)]
-    del loader
-    for batch in batches:
-        batch.pop(WORKER_STATS_KEY, None)
-    trainer.model.train()
-    trainer.train_step(batches[0], 0)  # warm-up: allocations, kernels
-    step = 1
     results: dict[str, Any] = {}
+    batches: list[dict] = []
     for mode in MODES:
+        # A trainer per mode, built from the config as `rsdino train` builds it: the same seed
+        # gives each the same initial weights, and only checkpoint.async_save differs.
+        mode_cfg = OmegaConf.merge(cfg, {"checkpoint": {"async_save": mode == "async", "dir": ""}})
         root = workdir / mode
-        trainer.checkpointer = Checkpointer(
-            CheckpointStore(LocalStore(root)),
-            keep=2,
-            async_save=mode == "async",
-            is_main=True,
-            pinned_staging=device.type == "cuda",
-        )
+        trainer = Trainer(mode_cfg, root, resume=False)
+        device = trainer.device
+        if not batches:
+            loader = iter(make_loader(cfg, 0, trainer.ctx))
+            batches = [next(loader) for _ in range(steps + 1)]
+            del loader
+            for batch in batches:
+                batch.pop(WORKER_STATS_KEY, None)
+        trainer.model.train()
+        trainer.train_step(batches[0], 0)  # warm-up: allocations, kernels
+        step = 1
         stalls = []
         _sync(device)
         started = time.perf_counter()
@@ -98,7 +97,11 @@ def measure_stall(cfg: DictConfig, steps: int, every: int, workdir: Path) -> dic
         }
         if mode != "none":
             newest = results[mode]["complete_checkpoints"][-1]
-            results[mode]["checkpoint_bytes"] = _directory_bytes(root / checkpoint_name(newest))
+            newest_dir = output_paths(root).checkpoints / checkpoint_name(newest)
+            results[mode]["checkpoint_bytes"] = _directory_bytes(newest_dir)
+        del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for mode in ("sync", "async"):
         extra = results[mode]["loop_seconds"] - results["none"]["loop_seconds"]
         results[mode]["overhead_seconds_per_checkpoint"] = extra / results[mode]["checkpoints"]
