@@ -71,6 +71,7 @@ def main() -> int:
         layout=cfg.train.dataset.s2_layout,
         seed=cfg.train.seed,
         index_offset=synthetic.num_samples,  # the same held-out tiles `rsdino eval` uses
+        texture_pairs=synthetic.texture_pairs,
     )
     torch.manual_seed(cfg.train.seed)  # the same initial weights train() starts from
     random_init = EvalModel(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from rsdino.config.loader import load_config
 from rsdino.data.bands import (
     S1_BANDS,
     S2_BANDS_SATLAS,
@@ -13,6 +14,7 @@ from rsdino.data.bands import (
     BandNormalizer,
     band_stats,
 )
+from rsdino.data.build import build_dataset
 from rsdino.data.collate import collate_samples
 from rsdino.data.synthetic import SyntheticLandCover
 
@@ -178,3 +180,48 @@ def test_collate_rejects_missing_fields_and_empty_lists(samples: list[dict]) -> 
         collate_samples([samples[0], partial])
     with pytest.raises(ValueError, match="empty"):
         collate_samples([])
+
+
+def _class_pixel_stats(world: SyntheticLandCover, class_id: int) -> tuple[np.ndarray, float]:
+    """Median over tiles of a class's per-band mean, and of its pixels' relative spread in B8."""
+    means, spreads = [], []
+    for index in range(len(world)):
+        tile = world[index]
+        inside = tile["landcover"] == class_id
+        if inside.sum() < 64:
+            continue
+        pixels = tile["s2"][:, inside].astype(np.float64)
+        means.append(pixels.mean(axis=1))
+        nir = pixels[S2_BANDS_SEN12MS.index("B8")]
+        spreads.append(nir.std() / nir.mean())
+    return np.median(means, axis=0), float(np.median(spreads))
+
+
+def test_texture_pairs_share_a_spectrum_and_differ_in_texture() -> None:
+    paired = SyntheticLandCover(num_samples=150, tile_size=TILE, seed=3, texture_pairs=True)
+    assert paired.class_names[:4] == (
+        "water_smooth",
+        "water_coarse",
+        "cropland_smooth",
+        "cropland_coarse",
+    )
+    assert paired.class_names[4:] == ("urban_smooth", "urban_coarse")
+    smooth_mean, smooth_spread = _class_pixel_stats(paired, 4)
+    coarse_mean, coarse_spread = _class_pixel_stats(paired, 5)
+    # One spectrum: the pair's mean reflectance agrees band by band (tile nuisance averages out).
+    assert np.abs(coarse_mean / smooth_mean - 1.0).max() < 0.08
+    # Told apart by texture: the coarse member's pixels spread several times as much.
+    assert coarse_spread > 3.0 * smooth_spread
+    # The default world keeps every class's own spectrum: urban is far redder than grassland.
+    default = SyntheticLandCover(num_samples=150, tile_size=TILE, seed=3)
+    urban_mean, _ = _class_pixel_stats(default, 4)
+    grassland_mean, _ = _class_pixel_stats(default, 5)
+    red = S2_BANDS_SEN12MS.index("B4")
+    assert urban_mean[red] > 1.5 * grassland_mean[red]
+
+
+def test_the_texture_pairs_key_reaches_the_training_world() -> None:
+    cfg = load_config("quickstart", ["train.device=cpu", "train.synthetic.texture_pairs=true"])
+    world = build_dataset(cfg)
+    assert isinstance(world, SyntheticLandCover) and world.class_names[1] == "water_coarse"
+    assert build_dataset(load_config("quickstart")).class_names[1] == "forest"

@@ -127,6 +127,7 @@ def build_dataset(cfg: DictConfig) -> Dataset:
             num_classes=synthetic.num_classes,
             s2_layout=dataset.s2_layout,
             seed=cfg.train.seed,
+            texture_pairs=synthetic.texture_pairs,
         )
         if views is not None:
             world.enable_seasonal_views(views)

@@ -87,6 +87,10 @@ class SyntheticConfig:
     """Tile side in pixels, like Sen12MS-CR-TS tiles."""
     num_classes: int = 6
     """Land-cover classes in the generated maps."""
+    texture_pairs: bool = False
+    """Classes in pairs that share one spectrum and backscatter and differ only in texture (smooth
+    or coarse-grained): the tile's mean spectrum no longer tells the dominant class, so the
+    learning-signal benchmark measures what pretraining adds beyond a random projection of it."""
 
     def __post_init__(self) -> None:
         checks = Checks("train.synthetic")

@@ -180,6 +180,32 @@ def _make_world(seed: int, classes: tuple[LandCoverClass, ...]) -> _World:
     )
 
 
+# Texture of the two members of a texture pair: amplitude and lattice cells across the tile.
+_SMOOTH_TEXTURE = (0.03, 3)
+_COARSE_TEXTURE = (0.4, 8)  # grain of 1/8 of the tile: it survives crops and blur
+
+
+def _texture_paired(world: _World) -> _World:
+    """Class 2j + 1 takes class 2j's spectra and backscatter; 2j is smooth, 2j + 1 coarse."""
+    signatures = {
+        name: getattr(world, name).copy()
+        for name in ("spectrum", "peak_spectrum", "sar_db", "peak_sar_db")
+    }
+    amplitude = world.texture_amplitude.copy()
+    cells = list(world.texture_cells)
+    for k in range(len(cells)):
+        for array in signatures.values():
+            array[k] = array[k - k % 2]
+        amplitude[k], cells[k] = _COARSE_TEXTURE if k % 2 else _SMOOTH_TEXTURE
+    return _World(
+        **signatures,
+        texture_amplitude=amplitude,
+        texture_cells=tuple(cells),
+        season_peak_doy=world.season_peak_doy,
+        season_width_days=world.season_width_days,
+    )
+
+
 def _greenness(doy: int, peak_doy: float, width_days: float) -> float:
     """Seasonal vegetation vigour in [0, 1]: a bump around the peak, periodic over the year."""
     distance = abs(doy - peak_doy)
@@ -193,7 +219,8 @@ class SyntheticLandCover(torch.utils.data.Dataset):
     Samples are {"s1": float32 [2, H, W] VV/VH in dB, "s2": uint16 [C, H, W] reflectance x10000
     (C = 13 for "sen12ms", 9 for "satlas"), "doy": day of year, "key": str, "label": dominant
     class, "landcover": uint8 [H, W] class map}. `index_offset` draws other tiles of the same world
-    (same seed, same class signatures), e.g. for a held-out split.
+    (same seed, same class signatures), e.g. for a held-out split. `texture_pairs` makes classes
+    2j and 2j + 1 share one signature and differ only in texture (`SyntheticConfig`).
     """
 
     def __init__(
@@ -204,6 +231,7 @@ class SyntheticLandCover(torch.utils.data.Dataset):
         s2_layout: str = "sen12ms",
         seed: int = 0,
         index_offset: int = 0,
+        texture_pairs: bool = False,
     ) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
@@ -226,8 +254,16 @@ class SyntheticLandCover(torch.utils.data.Dataset):
         self.seed = seed
         self.index_offset = index_offset
         self.classes = LAND_COVER_CLASSES[:num_classes]
-        self.class_names = tuple(c.name for c in self.classes)
+        self.texture_pairs = texture_pairs
         self._world = _make_world(seed, self.classes)
+        if texture_pairs:
+            self._world = _texture_paired(self._world)
+            self.class_names = tuple(
+                f"{self.classes[k - k % 2].name}_{'coarse' if k % 2 else 'smooth'}"
+                for k in range(num_classes)
+            )
+        else:
+            self.class_names = tuple(c.name for c in self.classes)
         self._s2_band_indices = np.array(
             [S2_BANDS_SEN12MS.index(name) for name in S2_LAYOUTS[s2_layout]]
         )

@@ -76,6 +76,7 @@ def build_splits(args: argparse.Namespace, model: EvalModel, probe: str) -> Labe
             layout=layout,
             seed=model.cfg.train.seed,
             index_offset=synthetic.num_samples,
+            texture_pairs=synthetic.get("texture_pairs", False),  # older runs: off
         )
     store = open_store(args.data)
     names, label_map = class_options(args.classes)

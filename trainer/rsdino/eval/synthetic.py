@@ -51,6 +51,7 @@ def synthetic_splits(
     seed: int = 0,
     index_offset: int = 0,
     min_fraction: float = 0.05,
+    texture_pairs: bool = False,
 ) -> LabelledSplits:
     """Disjoint train/val/test tiles from index ``index_offset`` on (e.g. after the training set).
 
@@ -63,7 +64,9 @@ def synthetic_splits(
     splits = []
     offset = index_offset
     for count in counts:
-        source = SyntheticLandCover(count, tile_size, num_classes, layout, seed, offset)
+        source = SyntheticLandCover(
+            count, tile_size, num_classes, layout, seed, offset, texture_pairs=texture_pairs
+        )
         splits.append(SyntheticLabelled(source, task, min_fraction))
         offset += count
     return LabelledSplits(
@@ -74,6 +77,6 @@ def synthetic_splits(
         test=splits[2],
         modalities=MODALITIES,
         identity=f"synthetic|{task}|{counts}|{tile_size}|{num_classes}|{layout}|{seed}|"
-        f"{index_offset}|{min_fraction}",
+        f"{index_offset}|{min_fraction}" + ("|texture_pairs" if texture_pairs else ""),
         ignore_index=None,
     )

@@ -72,6 +72,7 @@ def labelled_splits(cfg: DictConfig) -> LabelledSplits:
             layout=layout,
             seed=cfg.train.seed,
             index_offset=synthetic.num_samples,
+            texture_pairs=synthetic.texture_pairs,
         )
     return scene_splits(
         open_store(ev.uri),
