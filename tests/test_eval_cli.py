@@ -62,6 +62,11 @@ def test_knn_on_eurosat_writes_report_beside_export(
     assert report["dataset"]["sizes"] == {"train": 27, "val": 3, "test": 6}
     # The bands differ per class (write_eurosat), so even a 3-step teacher separates them.
     assert report["results"]["s2"]["k=5"]["accuracy"] > 0.6
+    for metrics in report["results"]["s2"].values():  # per k: which class went where
+        confusion = metrics["confusion"]
+        assert len(confusion) == 3 and sum(map(sum, confusion)) == 6
+        assert sum(confusion[c][c] for c in range(3)) / 6 == pytest.approx(metrics["accuracy"])
+    assert "confusion" not in out  # the table shows scalars; the matrix is in the report
 
 
 def test_multimodal_checkpoint_runs_all_three_modes_and_caches(

@@ -12,6 +12,7 @@ from rsdino.eval.linear import train_linear_probes
 from rsdino.eval.logreg import logistic_regression_probe
 from rsdino.eval.metrics import (
     average_precision,
+    classification_metrics,
     confusion_matrix,
     iou_from_confusion,
     mean_average_precision,
@@ -38,6 +39,15 @@ def test_map_macro_and_micro_by_hand() -> None:
     assert result["map_macro"] == pytest.approx((5 / 6 + 1) / 2)
     # Pooled ranking: + - + - + then negatives; AP = (1/1 + 2/3 + 3/5) / 3.
     assert result["map_micro"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+
+
+def test_accuracy_and_confusion_by_hand() -> None:
+    predictions = torch.tensor([0, 0, 1, 2, 2, 1])
+    targets = torch.tensor([0, 1, 1, 2, 0, 1])
+    metrics = classification_metrics(predictions, targets, num_classes=3)
+    # Rows are true classes: one 0 taken for a 2, one 1 taken for a 0.
+    assert metrics["confusion"] == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
 
 
 def test_iou_by_hand_with_ignore_index() -> None:
@@ -90,6 +100,10 @@ def test_linear_and_logreg_beat_knn_when_separable_but_locally_mixed() -> None:
     )
     assert knn < 0.7
     assert linear.best["test"]["accuracy"] > 0.95 and logreg.best["test"]["accuracy"] > 0.95
+    for result in (linear, logreg):  # the chosen head's test confusion counts every test sample
+        confusion = torch.tensor(result.best["test"]["confusion"])
+        assert confusion.sum() == 200
+        assert confusion.trace() / 200 == pytest.approx(result.best["test"]["accuracy"])
     assert {row["features"] for row in linear.grid} == {"cls", "cls+avgpool"}
     assert len(linear.grid) == 4 and len(logreg.grid) == 2
 

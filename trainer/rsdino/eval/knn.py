@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,21 +81,32 @@ def knn_classify(
     train_labels: Tensor,
     test_features: Tensor,
     test_labels: Tensor,
+    **options: Any,
+) -> dict[int, float]:
+    """Top-1 accuracy per k of single-label classification; ``options`` as `knn_predict`."""
+    predicted = knn_predict(train_features, train_labels, test_features, **options)
+    labels = test_labels.long()
+    return {k: float((p == labels).float().mean()) for k, p in predicted.items()}
+
+
+def knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
     *,
     ks: tuple[int, ...] = DINOV2_KS,
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = 1024,
-) -> dict[int, float]:
-    """Top-1 accuracy per k of single-label classification."""
+) -> dict[int, Tensor]:
+    """Per k, the class id [N_test] the vote picks (ties to the smaller id)."""
     if num_classes is None:
         num_classes = int(train_labels.max()) + 1
     one_hot = F.one_hot(train_labels.long(), num_classes)
     votes = knn_votes(
         train_features, one_hot, test_features, ks, temperature=temperature, chunk_size=chunk_size
     )
-    labels = test_labels.long()
-    return {k: float((v.argmax(dim=1) == labels).float().mean()) for k, v in votes.items()}
+    return {k: v.argmax(dim=1) for k, v in votes.items()}
 
 
 def knn_multilabel(

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsdino.eval.metrics import accuracy, mean_average_precision
+from rsdino.eval.metrics import accuracy, classification_metrics, mean_average_precision
 
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 FEATURE_SETS = ("cls", "cls+avgpool")
@@ -34,6 +34,14 @@ def score(logits: Tensor, targets: Tensor, multilabel: bool) -> dict[str, float]
     if multilabel:
         return mean_average_precision(torch.sigmoid(logits), targets)
     return {"accuracy": accuracy(logits, targets)}
+
+
+def test_score(logits: Tensor, targets: Tensor, multilabel: bool) -> dict:
+    """The chosen head's metrics on test: `score`, plus the confusion counts of single-label
+    targets (validation entries of the grid leave them out, to keep the report short)."""
+    if multilabel:
+        return score(logits, targets, multilabel)
+    return classification_metrics(logits.argmax(dim=1), targets, logits.shape[1])
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,6 @@ def _select(
         grid.append({"features": name, "lr": lr, "val": metrics})
     best_index = max(range(len(grid)), key=lambda i: grid[i]["val"][key])
     name, lr = specs[best_index]
-    test_metrics = score(heads[best_index](feature_set(test, name)), test[target], multilabel)
+    test_metrics = test_score(heads[best_index](feature_set(test, name)), test[target], multilabel)
     best = {"features": name, "lr": lr, "val": grid[best_index]["val"], "test": test_metrics}
     return ProbeResult(best=best, grid=grid)

@@ -1,4 +1,5 @@
-"""Probe metrics: accuracy, average precision (macro and micro mAP) and segmentation IoU."""
+"""Probe metrics: accuracy and confusion, average precision (macro and micro mAP), segmentation
+IoU."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from torch import Tensor
 def accuracy(scores: Tensor, targets: Tensor) -> float:
     """Top-1 accuracy in [0, 1] of class scores [N, C] against class ids [N]."""
     return float((scores.argmax(dim=1) == targets.long()).float().mean())
+
+
+def classification_metrics(predictions: Tensor, targets: Tensor, num_classes: int) -> dict:
+    """Accuracy and the [C, C] confusion counts (rows true, columns predicted) of class ids:
+    the matrix says which classes a representation mixes up, which accuracy alone hides."""
+    confusion = confusion_matrix(predictions, targets, num_classes)
+    return {
+        "accuracy": float(confusion.diagonal().sum()) / max(1, int(confusion.sum())),
+        "confusion": confusion.tolist(),
+    }
 
 
 def average_precision(scores: Tensor, targets: Tensor) -> float:

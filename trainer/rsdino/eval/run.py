@@ -17,9 +17,10 @@ from rsdino.data.storage import open_store
 from rsdino.errors import ExitCode, RsdinoError
 from rsdino.eval.datasets import SPLITS, LabelledSplits
 from rsdino.eval.features import FeatureCache, extract_features, modes_of
-from rsdino.eval.knn import DINOV2_KS, knn_classify, knn_multilabel
+from rsdino.eval.knn import DINOV2_KS, knn_multilabel, knn_predict
 from rsdino.eval.linear import DEFAULT_LRS, train_linear_probes
 from rsdino.eval.logreg import DEFAULT_L2, logistic_regression_probe
+from rsdino.eval.metrics import classification_metrics
 from rsdino.eval.model import EvalModel
 from rsdino.eval.segmentation import DEFAULT_SEG_LRS, train_segmentation_probes
 
@@ -136,16 +137,18 @@ def _probe_one(
                 temperature=p.temperature,
             )
         else:
-            accuracies = knn_classify(
+            predicted = knn_predict(
                 bank["cls"],
                 bank[target],
                 test["cls"],
-                test[target],
                 ks=p.ks,
                 temperature=p.temperature,
                 num_classes=splits.num_classes,
             )
-            per_k = {k: {"accuracy": value} for k, value in accuracies.items()}
+            per_k = {
+                k: classification_metrics(classes, test[target], splits.num_classes)
+                for k, classes in predicted.items()
+            }
         return {f"k={k}": metrics for k, metrics in per_k.items()}
     if probe == "linear":
         result = train_linear_probes(
@@ -247,6 +250,11 @@ def _fmt(value: float) -> str:
     return "   n/a" if value is None or math.isnan(value) else f"{100 * value:6.2f}"
 
 
+def _scalars(metrics: dict) -> dict:
+    """The metrics a table cell can show (confusion matrices stay in the JSON report)."""
+    return {name: value for name, value in metrics.items() if not isinstance(value, list)}
+
+
 def format_table(report: dict) -> str:
     """A few lines for the terminal: one row per modality mode, test metrics in percent."""
     probe, results = report["probe"], report["results"]
@@ -254,7 +262,7 @@ def format_table(report: dict) -> str:
     if probe == "knn":
         columns = list(next(iter(results.values())))
         metric = next(iter(next(iter(results.values())).values()))
-        names = list(metric)
+        names = list(_scalars(metric))
         header = ["mode", *[f"{c} {n}" for c in columns for n in names]]
         lines.append("  ".join(f"{h:>18}" for h in header))
         for mode, per_k in results.items():
@@ -272,7 +280,7 @@ def format_table(report: dict) -> str:
                 metrics = f"mIoU {_fmt(test['miou'])}  pixel acc {_fmt(test['pixel_accuracy'])}"
                 lines.append(f"{mode:>6}  {metrics}  ({chosen})  per-class IoU: {per_class}")
             else:
-                metrics = "  ".join(f"{name} {_fmt(value)}" for name, value in test.items())
+                metrics = "  ".join(f"{name} {_fmt(v)}" for name, v in _scalars(test).items())
                 lines.append(f"{mode:>6}  {metrics}  ({chosen})")
     if "written_to" in report:  # not part of the file itself
         lines.append(f"report: {report['written_to']}")
