@@ -36,7 +36,7 @@ def score(logits: Tensor, targets: Tensor, multilabel: bool) -> dict[str, float]
     return {"accuracy": accuracy(logits, targets)}
 
 
-def test_score(logits: Tensor, targets: Tensor, multilabel: bool) -> dict:
+def chosen_head_score(logits: Tensor, targets: Tensor, multilabel: bool) -> dict:
     """The chosen head's metrics on test: `score`, plus the confusion counts of single-label
     targets (validation entries of the grid leave them out, to keep the report short)."""
     if multilabel:
@@ -129,6 +129,8 @@ def _select(
         grid.append({"features": name, "lr": lr, "val": metrics})
     best_index = max(range(len(grid)), key=lambda i: grid[i]["val"][key])
     name, lr = specs[best_index]
-    test_metrics = test_score(heads[best_index](feature_set(test, name)), test[target], multilabel)
+    test_metrics = chosen_head_score(
+        heads[best_index](feature_set(test, name)), test[target], multilabel
+    )
     best = {"features": name, "lr": lr, "val": grid[best_index]["val"], "test": test_metrics}
     return ProbeResult(best=best, grid=grid)

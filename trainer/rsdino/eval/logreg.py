@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsdino.eval.linear import ProbeResult, feature_set, score, test_score
+from rsdino.eval.linear import ProbeResult, chosen_head_score, feature_set, score
 
 DEFAULT_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -90,6 +90,6 @@ def logistic_regression_probe(
         grid.append({"features": features, "l2": l2, "val": metrics})
     best_index = max(range(len(grid)), key=lambda i: grid[i]["val"][key])
     weight, bias = models[best_index]
-    test_metrics = test_score(standardised(test) @ weight + bias, test[target], multilabel)
+    test_metrics = chosen_head_score(standardised(test) @ weight + bias, test[target], multilabel)
     best = {**grid[best_index], "test": test_metrics}
     return ProbeResult(best=best, grid=grid)
