@@ -332,9 +332,11 @@ def test_scale_up_adds_a_pod_to_the_running_world(cluster, tmp_path: Path) -> No
     Plain torchrun (2.13) stalls here: the surviving agent stays rank 0 and never publishes
     MASTER_ADDR under the new round's prefix, so the new pod waits 60 s, both agents exit and
     restart. rsdino-torchrun republishes it each round: no pod may exit during the join."""
-    # One pod trains a tiny model at ~50 steps/s and the join takes seconds: enough steps must
-    # remain when the new pod has started (120 were too few on a fast, idle machine).
-    steps = 1200
+    # One pod trains a tiny model at 30-50 steps/s and its workers stop for the join a few
+    # seconds after the scale (steps 150-190 on 2 idle cores; 120 steps in all were too
+    # few on a fast machine). The steps left then run in the world of two at ~12 steps/s, so the
+    # run is only as long as a safe margin for the join needs.
+    steps = 600
     job = cluster(job_values(steps=steps, every_steps=60, replicas=1))
     root = checkpoint_root(tmp_path)
     watch = CheckpointWatch(root)
