@@ -7,6 +7,10 @@ initial weights training starts from, probed by the same library function the co
 
     python benchmarks/eval_signal.py --output-dir runs/eval_signal
     python benchmarks/eval_signal.py --config quickstart_multimodal --output-dir runs/eval_mm
+
+With ``train.synthetic.texture_pairs=true`` (the world whose classes the mean spectrum cannot
+tell; the README's Evaluation section has the full command) the report also splits the kNN's
+errors into pair-partner and other-spectrum tiles.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def summary(report: dict) -> dict:
 def pair_errors(report: dict, k: int = 20) -> dict:
     """Per modality mode, the share of test tiles the kNN takes for their texture-pair partner
     (same spectrum, other texture) and for a class of another spectrum: what pretraining adds
-    shows in the first; the second comes from tiles whose classes nearly tie."""
+    shows in the first; the second mostly comes from tiles whose classes nearly tie."""
     found = {}
     for mode, per_k in report["results"].items():
         confusion = per_k[f"k={k}"]["confusion"]

@@ -141,6 +141,35 @@ def test_seasonal_signal_runs_both_pretrainings_with_the_same_steps(tmp_path: Pa
         }
 
 
+def test_eval_signal_reports_both_feature_sets_through_the_eval_commands(tmp_path: Path) -> None:
+    out = tmp_path / "pairs"
+    command = [sys.executable, str(BENCHMARKS / "eval_signal.py"), "--output-dir", str(out)]
+    command += ["--counts", "30,12,24", "--epochs", "3", "train.synthetic.texture_pairs=true"]
+    subprocess.run(
+        [*command, *TINY_OVERRIDES],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    report = json.loads((out / "eval_signal.json").read_text())
+    assert report["steps"] == 6 and report["tiles"] == {"train": 30, "val": 12, "test": 24}
+    for features, prefix in (("random_init", "random_init"), ("pretrained", "teacher")):
+        knn = json.loads((out / f"{prefix}.eval_knn.json").read_text())
+        linear = json.loads((out / f"{prefix}.eval_linear.json").read_text())
+        knn_k20 = knn["results"]["s2"]["k=20"]
+        assert report[features]["knn"]["s2"]["k=20"] == round(knn_k20["accuracy"], 4)
+        chosen = linear["results"]["s2"]["best"]
+        assert report[features]["linear"]["s2"]["accuracy"] == round(chosen["test"]["accuracy"], 4)
+        # The error split covers every wrong test tile once: partner + other = 1 - accuracy.
+        errors = report["knn_k20_errors"][features]["s2"]
+        wrong = errors["pair_partner"] + errors["other_spectrum"]
+        assert wrong == pytest.approx(1.0 - knn_k20["accuracy"], abs=2e-4)
+        confusion = knn_k20["confusion"]
+        partner = sum(confusion[c][c ^ 1] for c in range(len(confusion)))
+        assert errors["pair_partner"] == round(partner / 24, 4)
+    assert report["commands"][0].startswith(f"rsdino eval knn {out / 'teacher.safetensors'}")
+
+
 def test_seasonal_reads_counts_requests_per_sample_from_tree_and_shards(tmp_path: Path) -> None:
     out = tmp_path / "reads.json"
     command = [sys.executable, str(BENCHMARKS / "seasonal_reads.py"), "--patches", "2"]

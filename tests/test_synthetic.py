@@ -218,6 +218,22 @@ def test_texture_pairs_share_a_spectrum_and_differ_in_texture() -> None:
     grassland_mean, _ = _class_pixel_stats(default, 5)
     red = S2_BANDS_SEN12MS.index("B4")
     assert urban_mean[red] > 1.5 * grassland_mean[red]
+    # Paired tiles are scenes: one class covers most of the tile, so near ties are rare.
+    paired_cover, default_cover = _top_two_cover(paired), _top_two_cover(default)
+    assert paired_cover[:, 0].mean() > default_cover[:, 0].mean() + 0.1
+    paired_ties, default_ties = (
+        np.mean(cover[:, 0] - cover[:, 1] < 0.1) for cover in (paired_cover, default_cover)
+    )
+    assert paired_ties < 0.05 and default_ties > 0.1
+
+
+def _top_two_cover(dataset: SyntheticLandCover) -> np.ndarray:
+    """[tiles, 2]: the share of the tile its largest and second-largest classes cover."""
+    covers = []
+    for index in range(len(dataset)):
+        counts = np.bincount(dataset[index]["landcover"].ravel(), minlength=dataset.num_classes)
+        covers.append(np.sort(counts)[::-1][:2] / counts.sum())
+    return np.array(covers)
 
 
 def test_the_texture_pairs_key_reaches_the_training_world() -> None:

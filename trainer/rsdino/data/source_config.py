@@ -89,7 +89,8 @@ class SyntheticConfig:
     """Land-cover classes in the generated maps."""
     texture_pairs: bool = False
     """Classes in pairs that share one spectrum and backscatter and differ only in texture (smooth
-    or coarse-grained): the tile's mean spectrum no longer tells the dominant class, so the
+    or coarse-grained), in scene-like tiles where one class covers most of the tile: the mean
+    spectrum no longer tells the dominant class and labels are rarely near ties, so the
     learning-signal benchmark measures what pretraining adds beyond a random projection of it."""
 
     def __post_init__(self) -> None:

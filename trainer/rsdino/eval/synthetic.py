@@ -76,7 +76,9 @@ def synthetic_splits(
         val=splits[1],
         test=splits[2],
         modalities=MODALITIES,
+        # The paired world's name changes with its definition, so no cached feature of an
+        # earlier definition (coarse grain 1/8, mixed tiles) is reused.
         identity=f"synthetic|{task}|{counts}|{tile_size}|{num_classes}|{layout}|{seed}|"
-        f"{index_offset}|{min_fraction}" + ("|texture_pairs" if texture_pairs else ""),
+        f"{index_offset}|{min_fraction}" + ("|texture_pair_scenes" if texture_pairs else ""),
         ignore_index=None,
     )
