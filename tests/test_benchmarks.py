@@ -16,79 +16,12 @@ from omegaconf import DictConfig
 from rsdino.config.loader import load_config
 from rsdino.data.bands import BandNormalizer, band_stats
 from rsdino.data.synthetic import SyntheticLandCover
-from rsdino.eval.features import extract_cls_features
+from rsdino.eval.features import extract_features
 from rsdino.export import load_exported_encoder
 from rsdino.models.build import modalities
 from rsdino.ssl.meta_arch import SSLMetaArch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-@pytest.mark.parametrize(
-    "config", [["--config", "quickstart"], ["--config", "quickstart_multimodal"]]
-)
-def test_knn_signal_reports_both_accuracies(config: list[str], tmp_path: Path) -> None:
-    extra = ["student.xattn.nhead=2"] if "quickstart_multimodal" in config else []
-    subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "knn_signal.py"),
-            *config,
-            "--output-dir",
-            str(tmp_path / "run"),
-            "--train-samples",
-            "24",
-            "--test-samples",
-            "12",
-            "-k",
-            "5",
-            *TINY_OVERRIDES,
-            *extra,
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    report = json.loads((tmp_path / "run" / "knn_signal.json").read_text())
-    assert report["steps"] == 6
-    # Recompute both figures: the exported teacher and the seeded initial weights, on tiles the
-    # run never trained on, classified by a kNN written out here.
-    cfg = load_config(config[1], ["train.device=cpu", *TINY_OVERRIDES, *extra])
-    torch.manual_seed(cfg.train.seed)
-    random_init = SSLMetaArch(cfg).teacher["encoder"]
-    pretrained = load_exported_encoder(tmp_path / "run" / "teacher.safetensors")
-    for key, encoder in (
-        ("knn_top1_random_init", random_init),
-        ("knn_top1_pretrained", pretrained),
-    ):
-        assert report[key] == round(_held_out_knn(encoder, cfg, n_train=24, n_test=12, k=5), 4)
-
-
-def _held_out_knn(
-    encoder: torch.nn.Module, cfg: DictConfig, n_train: int, n_test: int, k: int
-) -> float:
-    """Cosine kNN with exp(similarity / 0.07) votes over tiles after the training indices."""
-    synthetic, layout = cfg.train.synthetic, cfg.train.dataset.s2_layout
-    normalizers = {name: BandNormalizer(*band_stats(name, layout)) for name in modalities(cfg)}
-    features = []
-    for offset, count in ((0, n_train), (n_train, n_test)):
-        tiles = SyntheticLandCover(
-            num_samples=count,
-            tile_size=synthetic.tile_size,
-            num_classes=synthetic.num_classes,
-            s2_layout=layout,
-            seed=cfg.train.seed,
-            index_offset=synthetic.num_samples + offset,  # never seen in training
-        )
-        x, y = extract_cls_features(
-            encoder, tiles, normalizers, use_time=cfg.student.temporal_embedding
-        )
-        features.append((F.normalize(x, dim=1), y.long()))
-    (train_x, train_y), (test_x, test_y) = features
-    similarity, nearest = (test_x @ train_x.T).topk(k, dim=1)
-    votes = torch.zeros(len(test_x), synthetic.num_classes)
-    votes.scatter_add_(1, train_y[nearest], (similarity / 0.07).exp())
-    return float((votes.argmax(dim=1) == test_y).float().mean())
 
 
 def test_metrics_overhead_reports_a_ratio() -> None:
@@ -141,33 +74,84 @@ def test_seasonal_signal_runs_both_pretrainings_with_the_same_steps(tmp_path: Pa
         }
 
 
-def test_eval_signal_reports_both_feature_sets_through_the_eval_commands(tmp_path: Path) -> None:
-    out = tmp_path / "pairs"
+@pytest.mark.parametrize(
+    ("config", "world"),
+    [("quickstart", ["train.synthetic.texture_pairs=true"]), ("quickstart_multimodal", [])],
+)
+def test_eval_signal_reports_both_feature_sets_through_the_eval_commands(
+    config: str, world: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "signal"
+    extra = ["student.xattn.nhead=2"] if config == "quickstart_multimodal" else []
     command = [sys.executable, str(BENCHMARKS / "eval_signal.py"), "--output-dir", str(out)]
-    command += ["--counts", "30,12,24", "--epochs", "3", "train.synthetic.texture_pairs=true"]
+    command += ["--config", config, "--counts", "30,12,24", "--epochs", "3"]
     subprocess.run(
-        [*command, *TINY_OVERRIDES],
-        check=True,
-        capture_output=True,
-        timeout=600,
+        [*command, *world, *TINY_OVERRIDES, *extra], check=True, capture_output=True, timeout=600
     )
     report = json.loads((out / "eval_signal.json").read_text())
     assert report["steps"] == 6 and report["tiles"] == {"train": 30, "val": 12, "test": 24}
+    assert report["commands"][0].startswith(f"rsdino eval knn {out / 'teacher.safetensors'}")
+    cfg = load_config(config, ["train.device=cpu", *world, *TINY_OVERRIDES, *extra])
+    torch.manual_seed(cfg.train.seed)
+    encoders = {
+        "random_init": SSLMetaArch(cfg).teacher["encoder"].eval(),
+        "pretrained": load_exported_encoder(out / "teacher.safetensors"),
+    }
+    modes = ["s1+s2", "s2", "s1"] if cfg.train.multimodal else ["s2"]
     for features, prefix in (("random_init", "random_init"), ("pretrained", "teacher")):
         knn = json.loads((out / f"{prefix}.eval_knn.json").read_text())
         linear = json.loads((out / f"{prefix}.eval_linear.json").read_text())
-        knn_k20 = knn["results"]["s2"]["k=20"]
-        assert report[features]["knn"]["s2"]["k=20"] == round(knn_k20["accuracy"], 4)
-        chosen = linear["results"]["s2"]["best"]
-        assert report[features]["linear"]["s2"]["accuracy"] == round(chosen["test"]["accuracy"], 4)
-        # The error split covers every wrong test tile once: partner + other = 1 - accuracy.
-        errors = report["knn_k20_errors"][features]["s2"]
-        wrong = errors["pair_partner"] + errors["other_spectrum"]
-        assert wrong == pytest.approx(1.0 - knn_k20["accuracy"], abs=2e-4)
-        confusion = knn_k20["confusion"]
-        partner = sum(confusion[c][c ^ 1] for c in range(len(confusion)))
-        assert errors["pair_partner"] == round(partner / 24, 4)
-    assert report["commands"][0].startswith(f"rsdino eval knn {out / 'teacher.safetensors'}")
+        assert list(knn["results"]) == modes == list(report[features]["knn"])
+        for mode in modes:
+            chosen = linear["results"][mode]["best"]["test"]["accuracy"]
+            assert report[features]["linear"][mode]["accuracy"] == round(chosen, 4)
+            for k, metrics in knn["results"][mode].items():
+                assert report[features]["knn"][mode][k] == round(metrics["accuracy"], 4)
+        # The kNN of the first mode (every modality), recomputed here from the encoder.
+        assert report[features]["knn"][modes[0]]["k=10"] == round(
+            _held_out_knn(encoders[features], cfg, bank=(0, 30), queries=(42, 24), k=10), 4
+        )
+        if world:  # texture pairs: the error split covers every wrong test tile once
+            errors = report["knn_k20_errors"][features]["s2"]
+            wrong = errors["pair_partner"] + errors["other_spectrum"]
+            assert wrong == pytest.approx(1.0 - knn["results"]["s2"]["k=20"]["accuracy"], abs=2e-4)
+            confusion = knn["results"]["s2"]["k=20"]["confusion"]
+            partner = sum(confusion[c][c ^ 1] for c in range(len(confusion)))
+            assert errors["pair_partner"] == round(partner / 24, 4)
+
+
+def _held_out_knn(
+    encoder: torch.nn.Module,
+    cfg: DictConfig,
+    *,
+    bank: tuple[int, int],
+    queries: tuple[int, int],
+    k: int,
+) -> float:
+    """Cosine kNN with exp(similarity / 0.07) votes; ``bank`` and ``queries`` are (offset, count)
+    of tiles after the training indices."""
+    synthetic, layout = cfg.train.synthetic, cfg.train.dataset.s2_layout
+    normalizers = {name: BandNormalizer(*band_stats(name, layout)) for name in modalities(cfg)}
+    features = []
+    for offset, count in (bank, queries):
+        tiles = SyntheticLandCover(
+            num_samples=count,
+            tile_size=synthetic.tile_size,
+            num_classes=synthetic.num_classes,
+            s2_layout=layout,
+            seed=cfg.train.seed,
+            index_offset=synthetic.num_samples + offset,  # never seen in training
+            texture_pairs=synthetic.texture_pairs,
+        )
+        found = extract_features(
+            encoder, tiles, normalizers, use_time=cfg.student.temporal_embedding
+        )
+        features.append((F.normalize(found["cls"], dim=1), found["label"].long()))
+    (bank_x, bank_y), (query_x, query_y) = features
+    similarity, nearest = (query_x @ bank_x.T).topk(k, dim=1)
+    votes = torch.zeros(len(query_x), synthetic.num_classes)
+    votes.scatter_add_(1, bank_y[nearest], (similarity / 0.07).exp())
+    return float((votes.argmax(dim=1) == query_y).float().mean())
 
 
 def test_seasonal_reads_counts_requests_per_sample_from_tree_and_shards(tmp_path: Path) -> None:

@@ -1,8 +1,14 @@
 import math
+from typing import Any
 
 import torch
 
-from rsdino.eval.knn import knn_accuracy
+from rsdino.eval.knn import knn_classify
+
+
+def knn_accuracy(*tensors: torch.Tensor, k: int, **options: Any) -> float:
+    """The library's top-1 accuracy at one k."""
+    return knn_classify(*tensors, ks=(k,), **options)[k]
 
 
 def test_separable_clusters_are_classified_perfectly() -> None:

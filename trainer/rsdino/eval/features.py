@@ -144,25 +144,6 @@ def extract_features(
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def extract_cls_features(
-    encoder: nn.Module,
-    dataset: Dataset,
-    normalizers: dict[str, BandNormalizer],
-    *,
-    use_time: bool = False,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> tuple[Tensor, Tensor]:
-    """[CLS] features and labels of every sample, in dataset order (all modalities given).
-
-    ``use_time`` passes each sample's day of year to encoders that embed it.
-    """
-    found = extract_features(
-        encoder, dataset, normalizers, batch_size=batch_size, device=device, use_time=use_time
-    )
-    return found["cls"], found["label"]
-
-
 class FeatureCache:
     """Features saved as ``<dir>/<hash>.pt``, the hash over model, data, split and options.
 

@@ -48,34 +48,6 @@ def knn_votes(
     return {k: torch.cat(parts) for k, parts in votes.items()}
 
 
-def knn_accuracy(
-    train_features: Tensor,
-    train_labels: Tensor,
-    test_features: Tensor,
-    test_labels: Tensor,
-    *,
-    k: int = 20,
-    temperature: float = 0.07,
-    num_classes: int | None = None,
-    chunk_size: int = 1024,
-) -> float:
-    """Top-1 accuracy in [0, 1] of a cosine-similarity kNN vote (one k).
-
-    A tie between classes goes to the smaller class id. ``num_classes`` defaults to the
-    largest training label + 1.
-    """
-    return knn_classify(
-        train_features,
-        train_labels,
-        test_features,
-        test_labels,
-        ks=(k,),
-        temperature=temperature,
-        num_classes=num_classes,
-        chunk_size=chunk_size,
-    )[k]
-
-
 def knn_classify(
     train_features: Tensor,
     train_labels: Tensor,
